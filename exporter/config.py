@@ -85,6 +85,13 @@ def _json_float(v: float) -> float | str:
     return v if math.isfinite(v) else ("Infinity" if v > 0 else "-Infinity")
 
 
+def _hf_float(v) -> float:
+    """A number from config.json: plain, `Infinity`, or transformers 5's {"__float__": "Infinity"}."""
+    if isinstance(v, dict) and "__float__" in v:
+        v = v["__float__"]
+    return float(v)
+
+
 def _pad_vocab(n: int, multiple: int = 16) -> int:
     return -(-n // multiple) * multiple
 
@@ -121,7 +128,10 @@ def from_hf_config(hf: dict[str, Any], name: str = "custom") -> Mamba2Config:
     if not hf.get("rms_norm", True):
         raise ConfigError("rms_norm=false is not supported")
     kw = {k: hf.get(k, default) for k, default in _HF_DEFAULTS.items()}
-    kw["time_step_limit"] = tuple(float(v) for v in kw["time_step_limit"])
+    try:
+        kw["time_step_limit"] = tuple(_hf_float(v) for v in kw["time_step_limit"])
+    except (TypeError, ValueError):
+        raise ConfigError(f"time_step_limit {kw['time_step_limit']!r} is not a pair of numbers") from None
     for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
         if isinstance(kw[k], list):  # HF allows several eos ids; keep the first
             kw[k] = kw[k][0] if kw[k] else None

@@ -217,9 +217,10 @@ class Mamba2LM(nnx.Module):
     def step(self, tokens, cache: Mamba2Cache):
         """tokens [b] -> (logits [b, V], cache): one O(1) recurrent step through every layer."""
         resid = self.backbone.embeddings(tokens).astype(F32)  # [b, d]
-        conv_all, ssm_all = cache.conv, cache.ssm
+        convs, ssms = [], []
         for i, layer in enumerate(self.backbone.layers):
-            resid, conv, ssm = layer.step(resid, conv_all[i], ssm_all[i])
-            conv_all = conv_all.at[i].set(conv)
-            ssm_all = ssm_all.at[i].set(ssm)
-        return self.logits(resid), Mamba2Cache(conv=conv_all, ssm=ssm_all)
+            resid, conv, ssm = layer.step(resid, cache.conv[i], cache.ssm[i])
+            convs.append(conv)
+            ssms.append(ssm)
+        # One stack per step: per-layer `.at[i].set` made XLA copy the whole cache each layer.
+        return self.logits(resid), Mamba2Cache(conv=jnp.stack(convs), ssm=jnp.stack(ssms))

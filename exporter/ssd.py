@@ -98,8 +98,8 @@ def ssd_step(
     g = B.shape[1]
     r = h // g
     decay = jnp.exp(dt * A)  # [b, h]
-    xdt = (x * dt[..., None]).reshape(b, g, r, p)
-    update = jnp.einsum("bgrp,bgn->bgrpn", xdt, B).reshape(b, h, p, n)
-    state = state * decay[:, :, None, None] + update
-    y = jnp.einsum("bgrpn,bgn->bgrp", state.reshape(b, g, r, p, n), C).reshape(b, h, p)
-    return y, state
+    xdt = (x * dt[..., None]).reshape(b, g, r, p, 1)
+    # Broadcast products, not einsum: XLA CPU turns these tiny batched dots into slow loops at b > 1.
+    state = state.reshape(b, g, r, p, n) * decay.reshape(b, g, r, 1, 1) + xdt * B[:, :, None, None, :]
+    y = jnp.sum(state * C[:, :, None, None, :], axis=-1)  # [b, g, r, p]
+    return y.reshape(b, h, p), state.reshape(b, h, p, n)

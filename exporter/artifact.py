@@ -1,0 +1,105 @@
+"""Assemble and write an artifact directory through the runtime's format code."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+
+import runtime
+from runtime.atomic import atomic_directory
+from runtime.integrity import file_record
+from runtime.manifest import FORMAT_NAME, SCHEMA_VERSION, write_manifest
+
+from exporter.functions import ModelFunctions
+from exporter.lowering import FUNCTIONS, export_all, serialization_version, signature
+from exporter.params import weight_spec
+
+FILE_SUFFIX = ".jaxexport"
+
+
+def _pow2_buckets(lo: int, hi: int) -> list[int]:
+    """Powers of two from lo up to hi, with hi itself last: log2(hi/lo)+1 compilations at most."""
+    out, v = [], lo
+    while v < hi:
+        out.append(v)
+        v *= 2
+    return out + [hi]
+
+
+def compatibility_window(now: dt.datetime) -> dict:
+    """jax.export guarantees ~6 months of forward compatibility: we accept this minor and the next."""
+    major, minor = (int(x) for x in jax.__version__.split(".")[:2])
+    return {
+        "jax_min": jax.__version__.split("+")[0],
+        "jax_max_exclusive": f"{major}.{minor + 2}.0",
+        "expires": (now + dt.timedelta(days=180)).date().isoformat(),
+    }
+
+
+def build_manifest(fns: ModelFunctions, platforms, files: dict[str, dict], now: dt.datetime,
+                   calling_convention: int) -> dict:
+    cfg, limits = fns.cfg, fns.limits
+    return {
+        "format": FORMAT_NAME,
+        "schema_version": SCHEMA_VERSION,
+        "created": now.isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "producer": {"package": "mamba2-aot", "version": runtime.__version__,
+                     "jax": jax.__version__, "jaxlib": jaxlib.__version__},
+        "serialization": {
+            "jax_export_version": serialization_version(),
+            "calling_convention_version": calling_convention,
+        },
+        "compatibility": compatibility_window(now),
+        "platforms": list(platforms),
+        "dtype": jnp.dtype(fns.dtype).name,
+        "model": {"architecture": "mamba2", "config": cfg.to_dict()},
+        "tokens": {"bos_id": cfg.bos_token_id, "eos_id": cfg.eos_token_id, "pad_id": cfg.pad_token_id},
+        "limits": {
+            "max_batch": limits.max_batch,
+            "max_prompt_tokens": limits.max_prompt_tokens,
+            "max_new_tokens": limits.max_new_tokens,
+            "max_stop_tokens": limits.max_stop_tokens,
+            "vocab_size": cfg.vocab_size,
+        },
+        "buckets": {
+            "prompt": _pow2_buckets(min(16, limits.max_prompt_tokens), limits.max_prompt_tokens),
+            "batch": _pow2_buckets(1, limits.max_batch),
+        },
+        "functions": {
+            name: {**signature(fns, name),
+                   "files": {p: _rel(p, name) for p in platforms}}
+            for name in FUNCTIONS
+        },
+        "weights": weight_spec(cfg, fns.dtype),
+        "mesh": None,
+        "files": files,
+    }
+
+
+def _rel(platform: str, name: str) -> str:
+    return f"{platform}/{name}{FILE_SUFFIX}"
+
+
+def write_artifact(fns: ModelFunctions, platforms, out: Path, force: bool,
+                   progress: Callable[[str, str, int, float], None] = lambda *a: None) -> dict:
+    """Export every (platform, function) and write the artifact atomically. Returns the manifest."""
+    now = dt.datetime.now(dt.timezone.utc)
+    files = {}
+    with atomic_directory(Path(out), force=force) as tmp:
+        calling_convention = 0
+        for platform, name, exported, blob, seconds in export_all(fns, platforms):
+            calling_convention = max(calling_convention, exported.calling_convention_version)
+            path = tmp / _rel(platform, name)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(blob)
+            files[_rel(platform, name)] = file_record(path)
+            progress(platform, name, len(blob), seconds)
+        manifest = build_manifest(fns, platforms, files, now, calling_convention)
+        write_manifest(tmp, manifest)
+    return manifest
+

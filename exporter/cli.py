@@ -1,0 +1,114 @@
+"""`mamba2-aot export` and `mamba2-aot verify`: plugin commands the runtime CLI loads by name."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+import jax.numpy as jnp
+
+from runtime.errors import ExportError
+
+from exporter.config import ConfigError, load_config
+from exporter.functions import Limits, ModelFunctions
+from exporter.lowering import PLATFORMS, default_dtype
+
+
+def _resolve_dtype(dtype: str | None, platforms: tuple[str, ...]):
+    if dtype:
+        return jnp.dtype(dtype)
+    defaults = {jnp.dtype(default_dtype(p)).name for p in platforms}
+    if len(defaults) > 1:
+        raise ExportError(
+            f"platforms {', '.join(platforms)} default to different dtypes (cpu float32, accelerators "
+            "bfloat16): pass --dtype, or export cpu and accelerators separately")
+    return jnp.dtype(defaults.pop())
+
+
+def _positive(ctx, param, value):
+    if value is not None and value <= 0:
+        raise click.BadParameter("must be a positive integer")
+    return value
+
+
+@click.command("export")
+@click.option("--model", "model", required=True,
+              help="Preset (130m, 370m, 780m, 1.3b, 2.7b), a HF checkpoint directory or its config.json.")
+@click.option("--platform", "platforms", multiple=True, type=click.Choice(PLATFORMS), default=("cpu",),
+              show_default=True, help="Target backend; repeat for several.")
+@click.option("--out", type=click.Path(path_type=Path), help="Artifact directory [default: artifacts/<model>].")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]),
+              help="Weights/activations dtype [default: float32 for cpu, bfloat16 for cuda/rocm/tpu].")
+@click.option("--max-new-tokens", default=Limits.max_new_tokens, show_default=True, callback=_positive, type=int)
+@click.option("--max-batch", default=Limits.max_batch, show_default=True, callback=_positive, type=int)
+@click.option("--max-prompt-tokens", default=Limits.max_prompt_tokens, show_default=True, callback=_positive, type=int)
+@click.option("--max-stop-tokens", default=Limits.max_stop_tokens, show_default=True, callback=_positive, type=int)
+@click.option("--force", is_flag=True, help="Replace an existing artifact.")
+def export_command(model, platforms, out, dtype, max_new_tokens, max_batch, max_prompt_tokens,
+                   max_stop_tokens, force):
+    """Lower prefill and the on-device decode loop to jax.export artifacts (no weights needed)."""
+    from exporter.artifact import write_artifact
+
+    try:
+        cfg = load_config(model)
+    except ConfigError as e:
+        raise ExportError(str(e)) from None
+    platforms = tuple(dict.fromkeys(platforms))
+    dt = _resolve_dtype(dtype, platforms)
+    limits = Limits(max_batch=max_batch, max_prompt_tokens=max_prompt_tokens,
+                    max_new_tokens=max_new_tokens, max_stop_tokens=max_stop_tokens)
+    out = out or Path("artifacts") / cfg.name
+    click.echo(f"exporting {cfg.name} ({cfg.num_hidden_layers} layers, d_model {cfg.hidden_size}) "
+               f"as {dt.name} for {', '.join(platforms)} -> {out}")
+    rows = []
+
+    def progress(platform, name, size, seconds):
+        rows.append((platform, name, size, seconds))
+        click.echo(f"  [{platform}] {name:<8} {size / 1e3:9.1f} kB  {seconds:6.2f} s")
+
+    t0 = time.perf_counter()
+    manifest = write_artifact(ModelFunctions(cfg, dt, limits), platforms, out, force, progress)
+    total = sum(r["bytes"] for r in manifest["files"].values())
+    click.echo(f"wrote {len(manifest['files'])} files + manifest.json, {total / 1e6:.2f} MB, "
+               f"in {time.perf_counter() - t0:.1f} s: {out}")
+
+
+@click.command("verify")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--weights", type=click.Path(path_type=Path),
+              help="HF checkpoint dir, .safetensors file or orbax checkpoint [default: seeded random].")
+@click.option("--steps", default=64, show_default=True, callback=_positive, type=int,
+              help="Greedy decode steps to compare.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed for prompts and random weights.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def verify_command(artifact, weights, steps, seed, as_json):
+    """Run the artifact and the live JAX model on the same prompts and compare them."""
+    import dataclasses
+    import json
+
+    from runtime.engine import load
+
+    from exporter.verify import verify
+
+    loaded = load(artifact, weights, seed=seed)
+    if not as_json:
+        click.echo(f"weights: {loaded.weights_source}")
+    report = verify(loaded, steps=steps, seed=seed)
+    if as_json:
+        click.echo(json.dumps({**dataclasses.asdict(report), "ok": report.ok}))
+    else:
+        tol = report.tolerance
+        rows = [
+            ("prompts (ragged batch)", ", ".join(map(str, report.prompt_lengths)) + " tokens", ""),
+            ("prefill logits max abs diff", f"{report.logits_max_abs:.3e}", ""),
+            ("prefill logits max rel diff", f"{report.logits_max_rel:.3e}", f"<= {tol:g}"),
+            (f"greedy tokens, {report.steps} steps", "all agree" if report.tokens_agree
+             else f"differ from step {report.first_disagreement}", "all agree"),
+            ("final cache max abs diff", f"{report.cache_max_abs:.3e}", ""),
+            ("final cache max rel diff", f"{report.cache_max_rel:.3e}", f"<= {tol:g}"),
+        ]
+        for name, value, limit in rows:
+            click.echo(f"  {name:<30} {value:<28} {limit}")
+        click.echo("verify: OK" if report.ok else "verify: FAILED")
+    raise SystemExit(0 if report.ok else 1)

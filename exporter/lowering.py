@@ -1,0 +1,63 @@
+"""Lowering with jax.export: one serialized module per (platform, function)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+
+from exporter.functions import ARG_NAMES, ModelFunctions
+
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+FUNCTIONS = ("prefill", "decode")
+
+
+def default_dtype(platform: str):
+    """float32 on cpu (bf16 matmul is ~400x slower on AVX2 CPUs), bfloat16 on accelerators."""
+    return jnp.float32 if platform == "cpu" else jnp.bfloat16
+
+
+def export_one(fns: ModelFunctions, name: str, platform: str) -> jax.export.Exported:
+    fn: Callable = getattr(fns, name)
+    args = getattr(fns, f"{name}_args")()
+    return jax.export.export(jax.jit(fn), platforms=(platform,))(*args)
+
+
+def export_all(fns: ModelFunctions, platforms) -> Iterator[tuple[str, str, jax.export.Exported, bytes, float]]:
+    """Yields (platform, function, Exported, serialized bytes, seconds) as each export finishes."""
+    for platform in platforms:
+        for name in FUNCTIONS:
+            t0 = time.perf_counter()
+            exported = export_one(fns, name, platform)
+            blob = bytes(exported.serialize())
+            yield platform, name, exported, blob, time.perf_counter() - t0
+
+
+def serialization_version() -> int:
+    """The flatbuffer format version jax.export writes (not public API; recorded for diagnosis)."""
+    from jax._src.export import serialization
+
+    return int(getattr(serialization, "_SERIALIZATION_VERSION", 0))
+
+
+def signature(fns: ModelFunctions, name: str) -> dict:
+    """Names, shapes (symbolic dims as strings) and dtypes of a function's flattened inputs and outputs."""
+    in_names, out_names = ARG_NAMES[name]
+    args = getattr(fns, f"{name}_args")()
+    outs = jax.eval_shape(getattr(fns, name), *args)
+    return {"inputs": _describe(in_names, args), "outputs": _describe(out_names, outs)}
+
+
+def _describe(names, values) -> list[dict]:
+    rows = []
+    for top, value in zip(names, values):
+        for path, leaf in jax.tree_util.tree_flatten_with_path(value)[0]:
+            suffix = "".join(f"/{getattr(k, 'key', getattr(k, 'idx', k))}" for k in path)
+            rows.append({
+                "name": top + suffix,
+                "shape": [d if isinstance(d, int) else str(d) for d in leaf.shape],
+                "dtype": jnp.dtype(leaf.dtype).name,
+            })
+    return rows

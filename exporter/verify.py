@@ -1,0 +1,90 @@
+"""Compare an artifact's compiled functions with the live JAX model on the same inputs."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from runtime.engine import LoadedModel
+from runtime.requests import SamplingParams, check_stop_ids, pad_batch
+
+from exporter.config import Mamba2Config
+from exporter.functions import Limits, ModelFunctions
+
+# Max relative difference allowed (max |a - b| / max |b|): compiled and live run the same HLO,
+# so float32 differs only by compiler scheduling; bfloat16 gets bf16's resolution.
+TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2}
+
+
+@dataclasses.dataclass
+class VerifyReport:
+    prompt_lengths: list[int]
+    steps: int
+    logits_max_abs: float
+    logits_max_rel: float
+    tokens_agree: bool
+    first_disagreement: int | None
+    cache_max_abs: float
+    cache_max_rel: float
+    tolerance: float
+
+    @property
+    def ok(self) -> bool:
+        return (self.tokens_agree and self.logits_max_rel <= self.tolerance
+                and self.cache_max_rel <= self.tolerance)
+
+
+def live_functions(loaded: LoadedModel) -> ModelFunctions:
+    m = loaded.manifest
+    limits = loaded.limits
+    return ModelFunctions(
+        Mamba2Config.from_dict(m.model["config"]), jnp.dtype(m.dtype),
+        Limits(max_batch=limits["max_batch"], max_prompt_tokens=limits["max_prompt_tokens"],
+               max_new_tokens=limits["max_new_tokens"], max_stop_tokens=limits["max_stop_tokens"]))
+
+
+def _diff(a, b) -> tuple[float, float]:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    abs_ = float(np.max(np.abs(a - b))) if a.size else 0.0
+    return abs_, abs_ / max(float(np.max(np.abs(b))), 1e-30)
+
+
+def verify(loaded: LoadedModel, steps: int = 64, seed: int = 0) -> VerifyReport:
+    """Ragged random prompts through both paths: prefill logits, `steps` greedy tokens, final cache."""
+    fns = live_functions(loaded)
+    limits = loaded.limits
+    rng = np.random.default_rng(seed)
+    chunk = fns.cfg.chunk_size
+    lengths = sorted({1, 7, min(chunk + 11, limits["max_prompt_tokens"])})[: limits["max_batch"]]
+    prompts = [rng.integers(0, limits["vocab_size"], n).tolist() for n in lengths]
+    tokens, lens = pad_batch(prompts, loaded.buckets)
+    B = tokens.shape[0]
+    steps = max(1, min(steps, limits["max_new_tokens"]))
+    greedy = SamplingParams()
+    finished = np.arange(B) >= len(prompts)
+    keys = np.zeros((B, 2), np.uint32)
+    stop = check_stop_ids(None, limits)
+
+    logits_a, state_a = loaded.prefill(tokens, lens)
+    out_a = loaded.decode(state_a, logits_a, finished, steps, 0, keys, greedy, stop)
+
+    params = loaded.params
+    logits_b, state_b = jax.jit(fns.prefill)(params, tokens, lens)
+    out_b = jax.jit(fns.decode)(params, state_b, logits_b, finished, np.int32(steps), np.int32(0),
+                                keys, np.float32(0), np.int32(0), np.float32(1), np.float32(0), stop)
+
+    n = len(prompts)
+    la_abs, la_rel = _diff(logits_a[:n], logits_b[:n])
+    toks_a, toks_b = np.asarray(out_a[0])[:n, :steps], np.asarray(out_b[0])[:n, :steps]
+    disagree = np.nonzero((toks_a != toks_b).any(axis=0))[0]
+    cache_diffs = [_diff(np.asarray(a)[:, :n], np.asarray(b)[:, :n])
+                   for a, b in zip(jax.tree.leaves(out_a[2]), jax.tree.leaves(out_b[2]))]
+    return VerifyReport(
+        prompt_lengths=lengths, steps=steps, logits_max_abs=la_abs, logits_max_rel=la_rel,
+        tokens_agree=disagree.size == 0,
+        first_disagreement=int(disagree[0]) if disagree.size else None,
+        cache_max_abs=max(d[0] for d in cache_diffs), cache_max_rel=max(d[1] for d in cache_diffs),
+        tolerance=TOLERANCE.get(loaded.manifest.dtype, 1e-4))

@@ -1,0 +1,147 @@
+"""A loaded artifact with weights on the device: `generate` and `stream`, no model code.
+
+The runtime only knows the artifact's calling convention: prefill(params, tokens, lengths) ->
+(logits, state) and decode(params, state, logits, finished, budget, start_step, keys,
+temperature, top_k, top_p, min_p, stop_ids) -> (tokens, counts, state, logits, finished). The
+state is an opaque pytree handed from one call to the next.
+
+Bucketing: prompts are right-padded to the smallest prompt bucket (powers of two) and the
+batch to the smallest batch bucket, so a process compiles each function at most
+log2(max/min) + 1 times per axis; every compile lands in the persistent XLA cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from runtime import compile_cache
+from runtime.compat import check_compatibility, check_platform, current_platform
+from runtime.errors import ArtifactError
+from runtime.integrity import safe_member, verify_files
+from runtime.manifest import Manifest, read_manifest
+from runtime.requests import (SamplingParams, check_new_tokens, check_prompts, check_stop_ids,
+                              pad_batch)
+from runtime.rng import row_keys
+from runtime.weights import load_weights, parse_weight_spec, random_weights, to_device
+
+
+@dataclasses.dataclass
+class Generation:
+    """One block of new tokens per prompt (only rows still running get tokens)."""
+
+    tokens: list[list[int]]
+    finished: list[bool]
+
+
+class LoadedModel:
+    """An artifact's compiled functions for this backend plus weights placed on the device."""
+
+    def __init__(self, artifact_dir, weights: str | Path | None = None, seed: int = 0,
+                 use_compile_cache: bool = True):
+        self.path = Path(artifact_dir)
+        self.manifest: Manifest = read_manifest(self.path)
+        check_compatibility(self.manifest)
+        self.platform = current_platform()
+        check_platform(self.manifest, self.platform)
+        names = [fn.files[self.platform] for fn in self.manifest.functions.values()]
+        verify_files(self.path, self.manifest, names)
+        spec = parse_weight_spec(self.manifest.weights)
+        # Weights are read and checked against the spec before any device work.
+        if weights is None:
+            arrays = random_weights(spec, seed)
+            self.weights_source = f"seeded random weights (seed {seed})"
+        else:
+            arrays = load_weights(weights, spec)
+            self.weights_source = str(weights)
+        if use_compile_cache:
+            compile_cache.enable()
+        self._fns = {name: self._deserialize(name) for name in ("prefill", "decode")}
+        self.params = to_device(arrays)
+
+    @property
+    def limits(self) -> dict:
+        return dataclasses.asdict(self.manifest.limits)
+
+    @property
+    def buckets(self) -> dict:
+        return dataclasses.asdict(self.manifest.buckets)
+
+    @property
+    def eos_id(self) -> int | None:
+        return self.manifest.tokens.eos_id
+
+    def _deserialize(self, name: str):
+        if name not in self.manifest.functions:
+            raise ArtifactError(f"artifact has no function {name!r}: re-export it")
+        rel = self.manifest.functions[name].files[self.platform]
+        try:
+            exported = jax.export.deserialize(bytearray(safe_member(self.path, rel).read_bytes()))
+        except ArtifactError:
+            raise
+        except Exception as e:  # a corrupt module that still matched its digest
+            raise ArtifactError(f"cannot deserialize {rel}: {type(e).__name__}: {e}") from None
+        return jax.jit(exported.call)
+
+    # -- raw calls ---------------------------------------------------------------------------
+    def prefill(self, tokens: np.ndarray, lengths: np.ndarray):
+        """tokens int32[B, T], lengths int32[B] (already bucketed) -> (logits [B, V], state)."""
+        return self._fns["prefill"](self.params, tokens, lengths)
+
+    def decode(self, state, logits, finished, budget, start_step, keys, sampling: SamplingParams,
+               stop_ids):
+        f32, i32 = np.float32, np.int32
+        return self._fns["decode"](
+            self.params, state, logits, finished, i32(budget), i32(start_step), keys,
+            f32(sampling.temperature), i32(sampling.top_k), f32(sampling.top_p),
+            f32(sampling.min_p), stop_ids)
+
+    # -- generation --------------------------------------------------------------------------
+    def stream(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64, *,
+               block: int = 16, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+               min_p: float = 0.0, seed: int | Sequence[int] = 0,
+               stop: Sequence[int] | None = None) -> Iterator[Generation]:
+        """Yields the new tokens block by block: one device call per block of up to `block` tokens."""
+        prompts = check_prompts(prompts, self.limits)
+        max_new_tokens = check_new_tokens(max_new_tokens, self.limits)
+        if int(block) != block or block < 1:
+            from runtime.errors import RequestError
+
+            raise RequestError(f"block must be a positive integer, got {block}")
+        sampling = SamplingParams(temperature, top_k, top_p, min_p)
+        sampling.check()
+        stop_ids = check_stop_ids(stop, self.limits)
+        n = len(prompts)
+        tokens, lengths = pad_batch(prompts, self.buckets, self.manifest.tokens.pad_id or 0)
+        B = tokens.shape[0]
+        keys = np.zeros((B, 2), np.uint32)
+        keys[:n] = row_keys(seed, n)
+        finished = np.arange(B) >= n  # padding rows never run
+        logits, state = self.prefill(tokens, lengths)
+        done = 0
+        while done < max_new_tokens and not finished[:n].all():
+            budget = min(block, max_new_tokens - done)
+            out, counts, state, logits, finished_dev = self.decode(
+                state, logits, finished, budget, done, keys, sampling, stop_ids)
+            out, counts = np.asarray(out), np.asarray(counts)
+            finished = np.asarray(finished_dev)
+            done += budget
+            yield Generation([out[i, : counts[i]].tolist() for i in range(n)], finished[:n].tolist())
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64, **kw) -> list[list[int]]:
+        """New tokens per prompt (stop token included when hit), in one device call for the loop."""
+        kw.setdefault("block", int(max_new_tokens) if isinstance(max_new_tokens, int) and max_new_tokens > 0 else 1)
+        rows: list[list[int]] | None = None
+        for gen in self.stream(prompts, max_new_tokens, **kw):
+            rows = gen.tokens if rows is None else [a + b for a, b in zip(rows, gen.tokens)]
+        return rows if rows is not None else [[] for _ in prompts]
+
+
+def load(artifact_dir, weights: str | Path | None = None, seed: int = 0, **kw) -> LoadedModel:
+    """Load an artifact and its weights (HF checkpoint dir, .safetensors file, orbax checkpoint);
+    with no weights, seeded random weights per the artifact's weight specification."""
+    return LoadedModel(artifact_dir, weights, seed, **kw)

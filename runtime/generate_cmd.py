@@ -1,0 +1,80 @@
+"""`mamba2-aot generate`: run an artifact on prompts, optionally streaming."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from runtime.errors import RequestError
+
+
+def _ids(values: tuple[str, ...]) -> list[list[int]]:
+    rows = []
+    for v in values:
+        try:
+            rows.append([int(t) for t in v.replace(" ", "").split(",") if t != ""])
+        except ValueError:
+            raise RequestError(f"--prompt-ids {v!r} is not a comma-separated list of integers") from None
+    return rows
+
+
+def _tokenizer(weights: Path | None):
+    """The checkpoint's tokenizer.json, loaded with HF `tokenizers`."""
+    path = None if weights is None else (weights if weights.is_dir() else weights.parent) / "tokenizer.json"
+    if path is None or not path.is_file():
+        where = "no --weights given" if weights is None else f"no tokenizer.json beside {weights}"
+        raise RequestError(f"--prompt needs the checkpoint's tokenizer.json ({where}): pass --prompt-ids instead")
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:
+        raise RequestError(f"cannot read {path}: {e}") from None
+
+
+@click.command("generate")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--weights", type=click.Path(path_type=Path),
+              help="HF checkpoint dir, .safetensors file or orbax checkpoint [default: seeded random].")
+@click.option("--prompt", "texts", multiple=True, help="Prompt text (needs the checkpoint's tokenizer.json).")
+@click.option("--prompt-ids", "id_lists", multiple=True, help="Comma-separated token ids; repeat for a batch.")
+@click.option("--max-new-tokens", default=64, show_default=True, type=int)
+@click.option("--temperature", default=0.0, show_default=True, type=float, help="0 = greedy.")
+@click.option("--top-k", default=0, show_default=True, type=int, help="0 = off.")
+@click.option("--top-p", default=1.0, show_default=True, type=float, help="1 = off.")
+@click.option("--min-p", default=0.0, show_default=True, type=float, help="0 = off; relative to the top token.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Sampling seed (and random-weights seed).")
+@click.option("--stop-id", "stop_ids", multiple=True, type=int, help="Stop token id [default: the model's eos].")
+@click.option("--stream", is_flag=True, help="Print tokens block by block as they are made.")
+@click.option("--block", default=16, show_default=True, type=int, help="Tokens per device call when streaming.")
+@click.option("--json", "as_json", is_flag=True, help='Print {"tokens": [[...], ...]}: new tokens per prompt.')
+def generate_command(artifact, weights, texts, id_lists, max_new_tokens, temperature, top_k, top_p,
+                     min_p, seed, stop_ids, stream, block, as_json):
+    """Generate from ARTIFACT with the compiled prefill and on-device decode loop."""
+    from runtime.engine import load
+
+    if bool(texts) == bool(id_lists):
+        raise RequestError("give prompts with either --prompt or --prompt-ids (not both, not neither)")
+    tokenizer = _tokenizer(weights) if texts else None
+    prompts = [tokenizer.encode(t).ids for t in texts] if texts else _ids(id_lists)
+    model = load(artifact, weights, seed=seed)
+    if weights is None:
+        click.echo(f"note: no --weights given: using {model.weights_source}; outputs are meaningless",
+                   err=True)
+    stop = list(stop_ids) if stop_ids else ([model.eos_id] if model.eos_id is not None else [])
+    kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, stop=stop)
+    if stream and not as_json:
+        for gen in model.stream(prompts, max_new_tokens, block=block, **kw):
+            for i, row in enumerate(gen.tokens):
+                if row:
+                    text = tokenizer.decode(row) if tokenizer else " ".join(map(str, row))
+                    click.echo(f"[{i}] {text}")
+        return
+    rows = model.generate(prompts, max_new_tokens, **kw)
+    if as_json:
+        click.echo(json.dumps({"tokens": rows}))
+        return
+    for i, row in enumerate(rows):
+        click.echo(f"[{i}] " + (tokenizer.decode(row) if tokenizer else " ".join(map(str, row))))

@@ -1,0 +1,239 @@
+"""The weight specification an artifact carries: which tensors it takes and where they come from.
+
+The manifest's `"weights"` object (written by the exporter) is all the runtime knows about the
+model's parameters:
+
+    {"tensors": [{"name": ..., "shape": [...], "dtype": "float32" | "bfloat16" | ...,
+                  "sources": [checkpoint name, alias, ...]      # first one present wins
+                  # or "stack": [entry, ...]: np.stack of those checkpoint tensors on a new
+                  #     axis 0; each entry is a name or a list of alias names
+                  "init": {"kind": "normal", "std": s} | {"kind": "uniform", "low": a, "high": b}
+                          | {"kind": "constant", "value": v}}, ...],
+     "ignore": [checkpoint names allowed in a checkpoint but unused],
+     "config_match": {key: value a checkpoint's config.json must agree with}}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+import ml_dtypes  # noqa: F401  (registers bfloat16 & co. with numpy, so np.dtype("bfloat16") works)
+import numpy as np
+
+from runtime.errors import WeightsError
+
+_INIT_KINDS = {"normal": ("std",), "uniform": ("low", "high"), "constant": ("value",)}
+
+
+def is_float_dtype(dtype) -> bool:
+    """True for numpy floats and ml_dtypes' floats (bfloat16, float8_*), False for ints/bools."""
+    dt = np.dtype(dtype)
+    if dt.kind == "f":
+        return True
+    if dt.kind != "V":
+        return False
+    try:
+        ml_dtypes.finfo(dt)
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
+def float_dtype(name: str) -> np.dtype:
+    """The numpy dtype for a float dtype name ("float32", "bfloat16", ...); ValueError otherwise."""
+    if not isinstance(name, str):
+        raise ValueError(f"dtype must be a string, got {name!r}")
+    try:
+        dt = np.dtype(name)
+    except TypeError:
+        raise ValueError(f"unknown dtype {name!r}") from None
+    if not is_float_dtype(dt):
+        raise ValueError(f"dtype {name!r} is not a floating-point type")
+    return dt
+
+
+def fmt_shape(shape) -> str:
+    """`[3352, 768]`, as shapes appear in messages."""
+    return "[" + ", ".join(str(int(d)) for d in shape) + "]"
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """One parameter: its name in the params dict, shape, dtype, checkpoint sources and init rule."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    # Checkpoint names to take it from, first present wins (None when `stack` is used).
+    sources: tuple[str, ...] | None
+    # One alias tuple per slice along a new axis 0 (None when `sources` is used).
+    stack: tuple[tuple[str, ...], ...] | None
+    init: Mapping[str, Any]
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * self.dtype.itemsize
+
+    def all_source_names(self) -> list[str]:
+        if self.sources is not None:
+            return list(self.sources)
+        return [n for entry in self.stack for n in entry]
+
+    def to_dict(self) -> dict:
+        d: dict[str, Any] = {"name": self.name, "shape": list(self.shape), "dtype": self.dtype.name}
+        if self.sources is not None:
+            d["sources"] = list(self.sources)
+        else:
+            d["stack"] = [list(e) if len(e) > 1 else e[0] for e in self.stack]
+        d["init"] = dict(self.init)
+        return d
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightSpec:
+    tensors: tuple[TensorSpec, ...]
+    ignore: tuple[str, ...] = ()
+    config_match: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def names(self) -> list[str]:
+        return [t.name for t in self.tensors]
+
+    def __getitem__(self, name: str) -> TensorSpec:
+        for t in self.tensors:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    @property
+    def num_params(self) -> int:
+        return sum(t.size for t in self.tensors)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    def to_dict(self) -> dict:
+        return {
+            "tensors": [t.to_dict() for t in self.tensors],
+            "ignore": list(self.ignore),
+            "config_match": dict(self.config_match),
+        }
+
+
+def _bad(where: str, what: str) -> WeightsError:
+    return WeightsError(
+        f"invalid weight spec in the artifact manifest: {where}: {what} "
+        "(the artifact is damaged or from an incompatible exporter; re-export it)"
+    )
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _names(value, where: str, field: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(n, str) and n for n in value):
+        raise _bad(where, f"{field!r} must be a non-empty list of non-empty strings, got {value!r}")
+    return tuple(value)
+
+
+def _init(value, where: str) -> dict:
+    if not isinstance(value, Mapping) or value.get("kind") not in _INIT_KINDS:
+        raise _bad(where, f"'init' must be an object with kind one of {', '.join(_INIT_KINDS)}, got {value!r}")
+    kind = value["kind"]
+    out: dict[str, Any] = {"kind": kind}
+    for key in _INIT_KINDS[kind]:
+        v = value.get(key)
+        if not _is_number(v) or not math.isfinite(v):
+            raise _bad(where, f"init {kind!r} needs a finite number {key!r}, got {v!r}")
+        out[key] = float(v)
+    if kind == "normal" and out["std"] < 0:
+        raise _bad(where, f"init normal std must be >= 0, got {out['std']}")
+    if kind == "normal" and "mean" in value:
+        if not _is_number(value["mean"]) or not math.isfinite(value["mean"]):
+            raise _bad(where, f"init normal 'mean' must be a finite number, got {value['mean']!r}")
+        out["mean"] = float(value["mean"])
+    if kind == "uniform" and out["low"] > out["high"]:
+        raise _bad(where, f"init uniform low {out['low']} > high {out['high']}")
+    return out
+
+
+def _tensor(obj, i: int) -> TensorSpec:
+    where = f"tensors[{i}]"
+    if not isinstance(obj, Mapping):
+        raise _bad(where, f"must be an object, got {type(obj).__name__}")
+    name = obj.get("name")
+    if not isinstance(name, str) or not name:
+        raise _bad(where, f"'name' must be a non-empty string, got {name!r}")
+    where = f"tensors[{i}] ({name})"
+    shape = obj.get("shape")
+    if not isinstance(shape, (list, tuple)) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise _bad(where, f"'shape' must be a list of non-negative integers, got {shape!r}")
+    shape = tuple(int(d) for d in shape)
+    try:
+        dtype = float_dtype(obj.get("dtype"))
+    except ValueError as e:
+        raise _bad(where, f"'dtype': {e}") from None
+    has_sources, has_stack = obj.get("sources") is not None, obj.get("stack") is not None
+    if has_sources == has_stack:
+        raise _bad(where, "needs exactly one of 'sources' (checkpoint names) or 'stack' (a list of them)")
+    sources = stack = None
+    if has_sources:
+        sources = _names(obj["sources"], where, "sources")
+    else:
+        entries = obj["stack"]
+        if not isinstance(entries, (list, tuple)) or not entries:
+            raise _bad(where, f"'stack' must be a non-empty list, got {entries!r}")
+        stack = tuple(_names(e, f"{where} stack[{j}]", "entry") for j, e in enumerate(entries))
+        if not shape or shape[0] != len(stack):
+            raise _bad(where, f"'stack' has {len(stack)} entries but the shape is {fmt_shape(shape)}: "
+                              f"its first dimension must equal the number of entries")
+    return TensorSpec(name=name, shape=shape, dtype=dtype, sources=sources, stack=stack,
+                      init=_init(obj.get("init"), where))
+
+
+def parse_weight_spec(obj) -> WeightSpec:
+    """Validate the manifest's `"weights"` object into a WeightSpec (WeightsError when malformed)."""
+    if isinstance(obj, WeightSpec):
+        return obj
+    if not isinstance(obj, Mapping):
+        raise _bad("weights", f"must be an object, got {type(obj).__name__}")
+    tensors = obj.get("tensors")
+    if not isinstance(tensors, (list, tuple)) or not tensors:
+        raise _bad("weights", "'tensors' must be a non-empty list")
+    specs = tuple(_tensor(t, i) for i, t in enumerate(tensors))
+    seen: dict[str, str] = {}
+    names: set[str] = set()
+    for t in specs:
+        if t.name in names:
+            raise _bad(f"tensor {t.name}", "the name appears twice")
+        names.add(t.name)
+        for src in t.all_source_names():
+            if seen.get(src, t.name) != t.name:
+                raise _bad(f"tensor {t.name}", f"checkpoint name {src!r} is also a source of {seen[src]}")
+            seen[src] = t.name
+    ignore = obj.get("ignore", [])
+    if ignore is None:
+        ignore = []
+    if not isinstance(ignore, (list, tuple)) or not all(isinstance(n, str) for n in ignore):
+        raise _bad("weights", f"'ignore' must be a list of strings, got {ignore!r}")
+    config_match = obj.get("config_match", {})
+    if config_match is None:
+        config_match = {}
+    if not isinstance(config_match, Mapping) or not all(isinstance(k, str) for k in config_match):
+        raise _bad("weights", f"'config_match' must be an object, got {config_match!r}")
+    return WeightSpec(tensors=specs, ignore=tuple(ignore), config_match=dict(config_match))
+
+
+__all__ = ["TensorSpec", "WeightSpec", "parse_weight_spec", "is_float_dtype", "float_dtype", "fmt_shape"]
