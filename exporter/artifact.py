@@ -76,9 +76,18 @@ def build_manifest(fns: ModelFunctions, platforms, files: dict[str, dict], now: 
             for name in FUNCTIONS
         },
         "weights": weight_spec(cfg, fns.dtype),
-        "mesh": None,
+        "mesh": _mesh_record(fns),
         "files": files,
     }
+
+
+def _mesh_record(fns: ModelFunctions) -> dict | None:
+    """None for one device; else the mesh and every weight's and cache array's PartitionSpec."""
+    if fns.devices == 1:
+        return None
+    from exporter.sharding import plan
+
+    return plan(fns.cfg, fns.devices, fns.dtype).manifest_record()
 
 
 def _rel(platform: str, name: str) -> str:

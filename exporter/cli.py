@@ -40,13 +40,24 @@ def _positive(ctx, param, value):
 @click.option("--out", type=click.Path(path_type=Path), help="Artifact directory [default: artifacts/<model>].")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]),
               help="Weights/activations dtype [default: float32 for cpu, bfloat16 for cuda/rocm/tpu].")
-@click.option("--max-new-tokens", default=Limits.max_new_tokens, show_default=True, callback=_positive, type=int)
+@click.option("--format", "fmt", type=click.Choice(["jax", "savedmodel"]), default="jax", show_default=True,
+              help="jax: jax.export artifact (weights are arguments). savedmodel: TF Serving SavedModel "
+                   "through jax2tf (weights bound as variables).")
+@click.option("--weights", type=click.Path(path_type=Path),
+              help="With --format savedmodel: checkpoint to bind [default: the --model checkpoint dir, "
+                   "else seeded random].")
+@click.option("--version", "sm_version", default=1, show_default=True, callback=_positive, type=int,
+              help="With --format savedmodel: the TF Serving version directory.")
+@click.option("--max-new-tokens", callback=_positive, type=int,
+              help=f"Decode buffer width [default: {Limits.max_new_tokens}; 256 for savedmodel].")
 @click.option("--max-batch", default=Limits.max_batch, show_default=True, callback=_positive, type=int)
 @click.option("--max-prompt-tokens", default=Limits.max_prompt_tokens, show_default=True, callback=_positive, type=int)
 @click.option("--max-stop-tokens", default=Limits.max_stop_tokens, show_default=True, callback=_positive, type=int)
+@click.option("--devices", default=1, show_default=True, callback=_positive, type=int,
+              help="Tensor-parallel over this many devices (mesh axis 'model'); the runtime needs exactly as many.")
 @click.option("--force", is_flag=True, help="Replace an existing artifact.")
-def export_command(model, platforms, out, dtype, max_new_tokens, max_batch, max_prompt_tokens,
-                   max_stop_tokens, force):
+def export_command(model, platforms, out, dtype, fmt, weights, sm_version, max_new_tokens, max_batch,
+                   max_prompt_tokens, max_stop_tokens, devices, force):
     """Lower prefill and the on-device decode loop to jax.export artifacts (no weights needed)."""
     from exporter.artifact import write_artifact
 
@@ -57,10 +68,30 @@ def export_command(model, platforms, out, dtype, max_new_tokens, max_batch, max_
     platforms = tuple(dict.fromkeys(platforms))
     dt = _resolve_dtype(dtype, platforms)
     limits = Limits(max_batch=max_batch, max_prompt_tokens=max_prompt_tokens,
-                    max_new_tokens=max_new_tokens, max_stop_tokens=max_stop_tokens)
+                    max_new_tokens=max_new_tokens or (256 if fmt == "savedmodel" else Limits.max_new_tokens),
+                    max_stop_tokens=max_stop_tokens)
+    if fmt == "savedmodel":
+        from exporter.savedmodel import export_savedmodel
+
+        if devices > 1:
+            raise ExportError("--devices applies to jax artifacts only: drop it with --format savedmodel")
+        if weights is None and Path(model).exists():
+            weights = Path(model) if Path(model).is_dir() else Path(model).parent
+        export_savedmodel(model, None if weights is None else str(weights),
+                          out or Path("artifacts") / f"{cfg.name}-savedmodel", sm_version, force,
+                          echo=click.echo, dtype=dt, limits=limits, platforms=platforms)
+        return
+    if weights is not None:
+        raise ExportError("--weights is for --format savedmodel: jax artifacts take weights at run time")
     out = out or Path("artifacts") / cfg.name
     click.echo(f"exporting {cfg.name} ({cfg.num_hidden_layers} layers, d_model {cfg.hidden_size}) "
                f"as {dt.name} for {', '.join(platforms)} -> {out}")
+    if devices > 1:
+        from exporter.sharding import fallback_summary, plan
+
+        click.echo(f"  tensor parallel over {devices} devices (mesh model={devices})")
+        for line in fallback_summary(plan(cfg, devices, dt)):
+            click.echo(f"  replicated instead: {line}")
     rows = []
 
     def progress(platform, name, size, seconds):
@@ -68,7 +99,7 @@ def export_command(model, platforms, out, dtype, max_new_tokens, max_batch, max_
         click.echo(f"  [{platform}] {name:<8} {size / 1e3:9.1f} kB  {seconds:6.2f} s")
 
     t0 = time.perf_counter()
-    manifest = write_artifact(ModelFunctions(cfg, dt, limits), platforms, out, force, progress)
+    manifest = write_artifact(ModelFunctions(cfg, dt, limits, devices), platforms, out, force, progress)
     total = sum(r["bytes"] for r in manifest["files"].values())
     click.echo(f"wrote {len(manifest['files'])} files + manifest.json, {total / 1e6:.2f} MB, "
                f"in {time.perf_counter() - t0:.1f} s: {out}")

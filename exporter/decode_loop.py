@@ -42,19 +42,21 @@ def decode_loop(
     counts = jnp.zeros((b,), jnp.int32)
 
     def cond(carry):
-        i, _, _, _, _, finished = carry
+        i, _, _, _, _, _, finished = carry
         return (i < budget) & ~jnp.all(finished)
 
     def body(carry):
-        i, out, counts, cache, logits, finished = carry
+        i, out, counts, convs, ssms, logits, finished = carry
         tok = sample(logits, step_keys(keys, start_step + i), *sampling)  # [b]
         active = ~finished
         out = jax.lax.dynamic_update_slice(out, jnp.where(active, tok, 0)[:, None], (0, i))
         counts = counts + active.astype(jnp.int32)
         finished = finished | (active & jnp.any(tok[:, None] == stop_ids[None, :], axis=-1))
-        logits, cache = model.step(tok, cache)
-        return i + 1, out, counts, cache, logits, finished
+        logits, convs, ssms = model.step_layers(tok, convs, ssms)
+        return i + 1, out, counts, convs, ssms, logits, finished
 
-    init = (jnp.int32(0), out, counts, cache, logits, finished)
-    _, out, counts, cache, logits, finished = jax.lax.while_loop(cond, body, init)
+    # The loop carries one buffer per layer (updated in place); [L, ...] only at the boundary.
+    init = (jnp.int32(0), out, counts, list(cache.conv), list(cache.ssm), logits, finished)
+    _, out, counts, convs, ssms, logits, finished = jax.lax.while_loop(cond, body, init)
+    cache = Mamba2Cache(conv=jnp.stack(convs), ssm=jnp.stack(ssms))
     return out, counts, cache, logits, finished

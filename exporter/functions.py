@@ -31,18 +31,24 @@ class Limits:
 
 @dataclasses.dataclass(frozen=True)
 class ModelFunctions:
+    """The functions for one model, dtype, limits and target platform (which picks kernels)."""
+
     cfg: Mamba2Config
     dtype: jnp.dtype
     limits: Limits
+    devices: int = 1  # > 1: tensor-parallel over a ("model", devices) mesh (exporter.sharding)
+    platform: str = "cpu"
+
+    def model(self, params):
+        return bind(self.cfg, params, self.dtype, rowwise_decode=self.platform == "cpu")
 
     def prefill(self, params, tokens, lengths):
-        model = bind(self.cfg, params, self.dtype)
-        logits, cache = model.prefill(tokens, lengths)
+        logits, cache = self.model(params).prefill(tokens, lengths)
         return logits, cache.as_dict()
 
     def decode(self, params, cache, logits, finished, budget, start_step, keys,
                temperature, top_k, top_p, min_p, stop_ids):
-        model = bind(self.cfg, params, self.dtype)
+        model = self.model(params)
         sampling = Sampling(temperature, top_k, top_p, min_p)
         tokens, counts, cache, logits, finished = decode_loop(
             model, Mamba2Cache.from_dict(cache), logits, finished, budget, start_step, keys,

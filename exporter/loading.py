@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import jax.numpy as jnp
 
 from exporter.config import Mamba2Config, load_config
@@ -20,6 +22,8 @@ def load_params(cfg: Mamba2Config, weights: str | None, dtype=jnp.float32, seed:
 def load_model(model: str, weights: str | None = None, dtype=jnp.float32, seed: int = 0):
     """(config, live Mamba2LM). `model` is a preset or HF checkpoint dir; weights default to it if a dir."""
     cfg = load_config(model)
+    if weights is None and Path(model).exists():  # a checkpoint dir (or its config.json) holds the weights
+        weights = str(Path(model) if Path(model).is_dir() else Path(model).parent)
     params = load_params(cfg, weights, dtype, seed)
     return cfg, bind(cfg, params, dtype)
 

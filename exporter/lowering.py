@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterator
 
@@ -20,8 +21,15 @@ def default_dtype(platform: str):
 
 
 def export_one(fns: ModelFunctions, name: str, platform: str) -> jax.export.Exported:
+    fns = dataclasses.replace(fns, platform=platform)
     fn: Callable = getattr(fns, name)
     args = getattr(fns, f"{name}_args")()
+    if fns.devices > 1:  # tensor parallel: GSPMD partitions per exporter.sharding's specs
+        from exporter.sharding import function_shardings, plan
+
+        ins, outs = function_shardings(plan(fns.cfg, fns.devices, fns.dtype), name)
+        return jax.export.export(jax.jit(fn, in_shardings=ins, out_shardings=outs),
+                                 platforms=(platform,))(*args)
     return jax.export.export(jax.jit(fn), platforms=(platform,))(*args)
 
 

@@ -22,15 +22,40 @@ def _zeros(shape, dtype):
     return nnx.Param(jnp.zeros(shape, dtype))
 
 
+def matvec(x, w, out_dtype=None):
+    """x [b, i] @ w[o, i].T -> [b, o] for small b (decode), streaming w once.
+
+    XLA CPU's GEMM is slow for 1 < b <= 8 (it re-reads w per row); a broadcast multiply
+    reduced over i into an [o, b] output reads each weight row once for all rows. At b = 1
+    the plain dot is best. `b` may be symbolic: the branch is resolved when the artifact is
+    compiled for a concrete batch.
+    """
+    x = x.astype(w.dtype)
+
+    def dot(_):
+        return jnp.einsum("bi,oi->bo", x, w, preferred_element_type=out_dtype)
+
+    def rows(_):
+        acc = jnp.float32 if out_dtype is None else out_dtype
+        y = jnp.sum(w[:, None, :].astype(acc) * x[None, :, :].astype(acc), axis=-1)  # [o, b]
+        return y.T.astype(out_dtype or w.dtype)
+
+    return jax.lax.cond(jnp.asarray(x.shape[0]) == 1, dot, rows, None)
+
+
 class Linear(nnx.Module):
     """y = x @ weight.T (+ bias); weight [out, in] as in PyTorch."""
 
-    def __init__(self, d_in: int, d_out: int, bias: bool, dtype):
+    def __init__(self, d_in: int, d_out: int, bias: bool, dtype, rowwise_decode: bool = False):
         self.weight = _zeros((d_out, d_in), dtype)
         self.bias = _zeros((d_out,), dtype) if bias else None
+        self.rowwise_decode = rowwise_decode
 
     def __call__(self, x):
-        y = jnp.einsum("...i,oi->...o", x.astype(self.weight.dtype), self.weight[...])
+        if self.rowwise_decode and x.ndim == 2:
+            y = matvec(x, self.weight[...])
+        else:
+            y = jnp.einsum("...i,oi->...o", x.astype(self.weight.dtype), self.weight[...])
         return y if self.bias is None else y + self.bias[...]
 
 
@@ -69,15 +94,15 @@ class Conv1d(nnx.Module):
 class Mixer(nnx.Module):
     """The Mamba-2 mixer: in_proj -> causal conv -> SSD -> gated norm -> out_proj."""
 
-    def __init__(self, cfg: Mamba2Config, dtype):
+    def __init__(self, cfg: Mamba2Config, dtype, rowwise: bool = False):
         self.cfg = cfg
-        self.in_proj = Linear(cfg.hidden_size, cfg.in_proj_size, cfg.use_bias, dtype)
+        self.in_proj = Linear(cfg.hidden_size, cfg.in_proj_size, cfg.use_bias, dtype, rowwise)
         self.conv1d = Conv1d(cfg.conv_dim, cfg.conv_kernel, cfg.use_conv_bias, dtype)
         self.dt_bias = _zeros((cfg.num_heads,), dtype)
         self.A_log = _zeros((cfg.num_heads,), dtype)
         self.D = _zeros((cfg.num_heads,), dtype)
         self.norm = RMSNorm(cfg.intermediate_size, cfg.layer_norm_epsilon, dtype, groups=cfg.n_groups)
-        self.out_proj = Linear(cfg.intermediate_size, cfg.hidden_size, cfg.use_bias, dtype)
+        self.out_proj = Linear(cfg.intermediate_size, cfg.hidden_size, cfg.use_bias, dtype, rowwise)
 
     def _split(self, zxbcdt):
         c = self.cfg
@@ -131,7 +156,8 @@ class Mixer(nnx.Module):
         """One token. h [b, d]; conv_state [b, K-1, ch]; ssm_state [b, h, p, n]."""
         z, xbc, dt = self._split(self.in_proj(h))
         window = jnp.concatenate([conv_state.astype(F32), xbc.astype(F32)[:, None]], axis=1)  # [b, K, ch]
-        conv = jax.nn.silu(self.conv1d.add_bias(jnp.einsum("bkc,kc->bc", window, self.conv1d.taps())))
+        # A broadcast multiply-sum: as an einsum XLA CPU emits one tiny batched dot per channel.
+        conv = jax.nn.silu(self.conv1d.add_bias(jnp.sum(window * self.conv1d.taps()[None], axis=1)))
         x, B, C, dt, A = self._ssm_inputs(conv, dt)
         y, ssm_state = ssd_step(ssm_state, x, dt, A, B, C)
         return self._output(y, x, z), window[:, 1:].astype(conv_state.dtype), ssm_state
@@ -140,9 +166,9 @@ class Mixer(nnx.Module):
 class Block(nnx.Module):
     """Pre-norm residual block around a mixer; the residual stream stays float32."""
 
-    def __init__(self, cfg: Mamba2Config, dtype):
+    def __init__(self, cfg: Mamba2Config, dtype, rowwise: bool = False):
         self.norm = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon, dtype)
-        self.mixer = Mixer(cfg, dtype)
+        self.mixer = Mixer(cfg, dtype, rowwise)
         self.dtype = dtype
 
     def __call__(self, resid, valid, lengths):
@@ -163,28 +189,30 @@ class Embedding(nnx.Module):
 
 
 class Backbone(nnx.Module):
-    def __init__(self, cfg: Mamba2Config, dtype):
+    def __init__(self, cfg: Mamba2Config, dtype, rowwise: bool = False):
         self.embeddings = Embedding(cfg.vocab_size, cfg.hidden_size, dtype)
-        self.layers = nnx.List([Block(cfg, dtype) for _ in range(cfg.num_hidden_layers)])
+        self.layers = nnx.List([Block(cfg, dtype, rowwise) for _ in range(cfg.num_hidden_layers)])
         self.norm_f = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon, dtype)
 
 
 class Mamba2LM(nnx.Module):
     """Mamba-2 causal LM: prefill (chunked SSD), an O(1) decode step, and a full forward for tests."""
 
-    def __init__(self, cfg: Mamba2Config, dtype=F32):
+    def __init__(self, cfg: Mamba2Config, dtype=F32, rowwise_decode: bool = False):
+        """rowwise_decode: decode-step matmuls as row-streaming reductions (fast on CPU at b > 1)."""
         self.cfg = cfg
         self.dtype = dtype
-        self.backbone = Backbone(cfg, dtype)
+        self.rowwise_decode = rowwise_decode
+        self.backbone = Backbone(cfg, dtype, rowwise_decode)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, False, dtype)
 
     def logits(self, resid):
         """float32 logits from the residual stream [..., d]."""
         h = self.backbone.norm_f(resid).astype(self.dtype)
-        if self.lm_head is None:
-            w = self.backbone.embeddings.weight[...]
-            return jnp.einsum("...d,vd->...v", h, w, preferred_element_type=F32)
-        return jnp.einsum("...d,vd->...v", h, self.lm_head.weight[...], preferred_element_type=F32)
+        w = self.backbone.embeddings.weight if self.lm_head is None else self.lm_head.weight
+        if self.rowwise_decode and h.ndim == 2:
+            return matvec(h, w[...], out_dtype=F32)
+        return jnp.einsum("...d,vd->...v", h, w[...], preferred_element_type=F32)
 
     def _run_layers(self, tokens, lengths):
         """tokens [b, t]; lengths [b]. Returns residual [b, t, d], per-layer residuals, cache."""
@@ -216,11 +244,14 @@ class Mamba2LM(nnx.Module):
 
     def step(self, tokens, cache: Mamba2Cache):
         """tokens [b] -> (logits [b, V], cache): one O(1) recurrent step through every layer."""
+        logits, convs, ssms = self.step_layers(tokens, list(cache.conv), list(cache.ssm))
+        return logits, Mamba2Cache(conv=jnp.stack(convs), ssm=jnp.stack(ssms))
+
+    def step_layers(self, tokens, convs: list, ssms: list):
+        """`step` over per-layer state lists ([b, ...] each). Loops carry the cache this way:
+        restacking [L, ...] arrays every token costs XLA a full cache copy per step."""
         resid = self.backbone.embeddings(tokens).astype(F32)  # [b, d]
-        convs, ssms = [], []
+        convs, ssms = list(convs), list(ssms)
         for i, layer in enumerate(self.backbone.layers):
-            resid, conv, ssm = layer.step(resid, cache.conv[i], cache.ssm[i])
-            convs.append(conv)
-            ssms.append(ssm)
-        # One stack per step: per-layer `.at[i].set` made XLA copy the whole cache each layer.
-        return self.logits(resid), Mamba2Cache(conv=jnp.stack(convs), ssm=jnp.stack(ssms))
+            resid, convs[i], ssms[i] = layer.step(resid, convs[i], ssms[i])
+        return self.logits(resid), convs, ssms

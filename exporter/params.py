@@ -35,8 +35,8 @@ def _path(name: str) -> tuple:
 
 
 @functools.lru_cache(maxsize=None)
-def _abstract(cfg: Mamba2Config, dtype_name: str):
-    model = nnx.eval_shape(lambda: Mamba2LM(cfg, jnp.dtype(dtype_name)))
+def _abstract(cfg: Mamba2Config, dtype_name: str, rowwise_decode: bool = False):
+    model = nnx.eval_shape(lambda: Mamba2LM(cfg, jnp.dtype(dtype_name), rowwise_decode))
     return nnx.split(model)
 
 
@@ -50,9 +50,10 @@ def param_shapes(cfg: Mamba2Config, dtype=jnp.float32) -> dict[str, jax.ShapeDty
     return out
 
 
-def bind(cfg: Mamba2Config, params: dict[str, jax.Array], dtype=jnp.float32) -> Mamba2LM:
+def bind(cfg: Mamba2Config, params: dict[str, jax.Array], dtype=jnp.float32,
+         rowwise_decode: bool = False) -> Mamba2LM:
     """An nnx model over `params` (traceable: call inside jit/export)."""
-    graphdef, state = _abstract(cfg, jnp.dtype(dtype).name)
+    graphdef, state = _abstract(cfg, jnp.dtype(dtype).name, rowwise_decode)
     nested: dict = {}
     for name, value in params.items():
         node = nested

@@ -302,7 +302,7 @@ def export_savedmodel(model: str, weights: str | None, out: Path, version: int, 
         params = load_params(cfg, None if weights is None else str(weights), dt, seed)
     except Mamba2AOTError as e:
         raise ExportError(str(e)) from None
-    param_bytes = sum(int(np.asarray(v).nbytes) for v in params.values())
+    param_bytes = sum(int(v.nbytes) for v in params.values())
     echo(f"exporting {cfg.name} ({cfg.num_hidden_layers} layers, d_model {cfg.hidden_size}) as a "
          f"SavedModel, {dt.name} for {', '.join(platforms)}, up to {limits.max_new_tokens} new "
          f"tokens -> {dest}")

@@ -14,16 +14,16 @@ import jax.numpy as jnp
 def segsum(a: jax.Array) -> jax.Array:
     """Stable segment sums: out[..., i, j] = sum(a[..., j+1 : i+1]) for j <= i, else -inf.
 
-    a: [..., T] -> [..., T, T]. Sums masked terms with one cumsum instead of subtracting two
-    cumsums, so long chunks of strongly decaying heads lose no precision.
+    a: [..., T] -> [..., T, T]. Each entry is a sum of the terms themselves, never a difference
+    of two long cumulative sums, so strongly decaying heads lose no precision. Computed as a
+    triangular matmul (incl @ (a * strictly_lower)), which XLA runs far faster than a cumsum
+    over a [T, T] matrix; HIGHEST keeps TPU/GPU from rounding it through bf16/tf32.
     """
     T = a.shape[-1]
-    x = jnp.broadcast_to(a[..., :, None], (*a.shape, T))  # [..., T(i), T(j)] = a[i]
-    strictly_lower = jnp.tril(jnp.ones((T, T), dtype=bool), k=-1)
-    x = jnp.where(strictly_lower, x, 0.0)
-    sums = jnp.cumsum(x, axis=-2)  # [..., i, j] = sum_{j < k <= i} a[k]
-    lower = jnp.tril(jnp.ones((T, T), dtype=bool), k=0)
-    return jnp.where(lower, sums, -jnp.inf)
+    strictly_lower = jnp.tril(jnp.ones((T, T), a.dtype), k=-1)  # [k, j]: k > j
+    inclusive = jnp.tril(jnp.ones((T, T), a.dtype))  # [i, k]: k <= i
+    sums = jnp.matmul(inclusive, a[..., :, None] * strictly_lower, precision=jax.lax.Precision.HIGHEST)
+    return jnp.where(jnp.tril(jnp.ones((T, T), bool)), sums, -jnp.inf)
 
 
 def ssd_chunked(
@@ -38,7 +38,8 @@ def ssd_chunked(
     """Chunked SSD scan. Returns y [b, t, h, p] (no D skip) and the final state [b, h, p, n].
 
     Any t works: the sequence is zero-padded to a multiple of `chunk`, and padded steps have
-    dt = 0, so they neither decay nor feed the state.
+    dt = 0, so they neither decay nor feed the state. Inside, arrays are head-major
+    ([b, c, g, r, l, ...]) so every contraction is a batched matmul over leading dims.
     """
     b, t, h, p = x.shape
     g, n = B.shape[-2:]
@@ -50,21 +51,22 @@ def ssd_chunked(
         a = jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
         return a.reshape(b, n_chunks, chunk, *a.shape[2:])
 
-    xdt = (x * dt[..., None]).reshape(b, t, g, r, p)
-    xc = chunked(xdt)  # [b, c, l, g, r, p]
-    Bc, Cc = chunked(B), chunked(C)  # [b, c, l, g, n]
+    xc = chunked(x * dt[..., None]).reshape(b, n_chunks, chunk, g, r, p)
+    xc = jnp.transpose(xc, (0, 1, 3, 4, 2, 5))  # [b, c, g, r, l, p]
+    Bc = jnp.swapaxes(chunked(B), 2, 3)  # [b, c, g, l, n]
+    Cc = jnp.swapaxes(chunked(C), 2, 3)  # [b, c, g, l, n]
     a = chunked((dt * A).reshape(b, t, g, r))  # [b, c, l, g, r]
     a = jnp.moveaxis(a, 2, -1)  # [b, c, g, r, l]
     a_cum = jnp.cumsum(a, axis=-1)  # [b, c, g, r, l]
 
     # 1. Within each chunk: a masked, decayed attention-like product.
     decay = jnp.exp(segsum(a))  # [b, c, g, r, l, s]
-    scores = jnp.einsum("bclgn,bcsgn->bcgls", Cc, Bc)  # [b, c, g, l, s]
-    y_diag = jnp.einsum("bcgrls,bcsgrp->bclgrp", scores[:, :, :, None] * decay, xc)
+    scores = jnp.einsum("bcgln,bcgsn->bcgls", Cc, Bc)  # [b, c, g, l, s]
+    y = jnp.einsum("bcgrls,bcgrsp->bcgrlp", scores[:, :, :, None] * decay, xc)
 
-    # 2. The state each chunk produces on its own, decayed to the chunk's end.
-    to_end = jnp.exp(a_cum[..., -1:] - a_cum)  # [b, c, g, r, l]
-    chunk_states = jnp.einsum("bclgn,bclgrp->bcgrpn", Bc, xc * jnp.moveaxis(to_end, -1, 2)[..., None])
+    # 2. The state each chunk produces on its own, decayed to the chunk's end (decay's last row).
+    to_end = decay[..., -1, :]  # [b, c, g, r, l]
+    chunk_states = jnp.einsum("bcgln,bcgrlp->bcgrpn", Bc, xc * to_end[..., None])
 
     # 3. Across chunks: each chunk's starting state from all earlier ones (and the initial state).
     if initial_state is None:
@@ -78,10 +80,10 @@ def ssd_chunked(
     start_states, final_state = states[:, :-1], states[:, -1]
 
     # 4. Each chunk's starting state read out through C, decayed to each position.
-    y_off = jnp.einsum("bclgn,bcgrpn->bclgrp", Cc, start_states)
-    y_off = y_off * jnp.moveaxis(jnp.exp(a_cum), -1, 2)[..., None]
+    y_off = jnp.einsum("bcgln,bcgrpn->bcgrlp", Cc, start_states)
+    y = y + y_off * jnp.exp(a_cum)[..., None]  # [b, c, g, r, l, p]
 
-    y = (y_diag + y_off).reshape(b, n_chunks * chunk, h, p)[:, :t]
+    y = jnp.transpose(y, (0, 1, 4, 2, 3, 5)).reshape(b, n_chunks * chunk, h, p)[:, :t]
     return y, final_state.reshape(b, h, p, n)
 
 
@@ -95,11 +97,12 @@ def ssd_step(
 ) -> tuple[jax.Array, jax.Array]:
     """One recurrent step: state <- exp(dt A) state + dt x B^T; y = state C. Returns (y [b,h,p], state)."""
     b, h, p, n = state.shape
-    g = B.shape[1]
-    r = h // g
+    r = h // B.shape[1]
+    Bh = jnp.repeat(B, r, axis=1)  # [b, h, n]: each head reads its group's B and C
+    Ch = jnp.repeat(C, r, axis=1)
     decay = jnp.exp(dt * A)  # [b, h]
-    xdt = (x * dt[..., None]).reshape(b, g, r, p, 1)
-    # Broadcast products, not einsum: XLA CPU turns these tiny batched dots into slow loops at b > 1.
-    state = state.reshape(b, g, r, p, n) * decay.reshape(b, g, r, 1, 1) + xdt * B[:, :, None, None, :]
-    y = jnp.sum(state * C[:, :, None, None, :], axis=-1)  # [b, g, r, p]
-    return y.reshape(b, h, p), state.reshape(b, h, p, n)
+    # Elementwise in the state's own shape: XLA then updates the loop-carried state in place
+    # (a reshape to [b, g, r, p, n] cost a full state copy per layer per token).
+    state = state * decay[:, :, None, None] + (x * dt[..., None])[..., None] * Bh[:, :, None, :]
+    y = jnp.sum(state * Ch[:, :, None, :], axis=-1)  # [b, h, p]
+    return y, state

@@ -43,7 +43,8 @@ def live_functions(loaded: LoadedModel) -> ModelFunctions:
     return ModelFunctions(
         Mamba2Config.from_dict(m.model["config"]), jnp.dtype(m.dtype),
         Limits(max_batch=limits["max_batch"], max_prompt_tokens=limits["max_prompt_tokens"],
-               max_new_tokens=limits["max_new_tokens"], max_stop_tokens=limits["max_stop_tokens"]))
+               max_new_tokens=limits["max_new_tokens"], max_stop_tokens=limits["max_stop_tokens"]),
+        platform=loaded.platform)
 
 
 def _diff(a, b) -> tuple[float, float]:

@@ -12,7 +12,17 @@ from runtime.errors import (
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    """`runtime.load(...)`, imported on first use (importing `runtime` alone does not load jax)."""
+    if name == "load":
+        from runtime.engine import load
+
+        return load
+    raise AttributeError(f"module 'runtime' has no attribute {name!r}")
+
+
 __all__ = [
-    "__version__", "Mamba2AOTError", "ArtifactError", "IntegrityError", "CompatibilityError",
+    "load", "__version__", "Mamba2AOTError", "ArtifactError", "IntegrityError", "CompatibilityError",
     "WeightsError", "RequestError", "ExportError",
 ]

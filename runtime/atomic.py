@@ -42,9 +42,13 @@ def _prepare_parent(dest: Path) -> Path:
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
+        if e.errno in (errno.EEXIST, errno.ENOTDIR):  # e.g. --out under a regular file
+            raise ExportError(f"cannot write to {parent}: part of that path is a file, not a directory: "
+                              "choose another destination") from None
         raise _cannot_write(parent, e) from None
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise ExportError(f"cannot write to {parent}: permission denied")
+        raise ExportError(f"cannot write to {parent}: permission denied: choose another destination "
+                          "or fix its permissions")
     return parent
 
 

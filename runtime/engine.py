@@ -24,6 +24,7 @@ from runtime.compat import check_compatibility, check_platform, current_platform
 from runtime.errors import ArtifactError
 from runtime.integrity import safe_member, verify_files
 from runtime.manifest import Manifest, read_manifest
+from runtime.placement import from_manifest as placement_from_manifest
 from runtime.requests import (SamplingParams, check_new_tokens, check_prompts, check_stop_ids,
                               pad_batch)
 from runtime.rng import row_keys
@@ -51,17 +52,20 @@ class LoadedModel:
         names = [fn.files[self.platform] for fn in self.manifest.functions.values()]
         verify_files(self.path, self.manifest, names)
         spec = parse_weight_spec(self.manifest.weights)
+        # A multi-device artifact (manifest mesh): exactly that many devices, weights sharded.
+        self.placement = placement_from_manifest(self.manifest, spec)
         # Weights are read and checked against the spec before any device work.
         if weights is None:
             arrays = random_weights(spec, seed)
             self.weights_source = f"seeded random weights (seed {seed})"
         else:
-            arrays = load_weights(weights, spec)
+            loader = self.placement.load_weights if self.placement is not None else load_weights
+            arrays = loader(weights, spec)
             self.weights_source = str(weights)
         if use_compile_cache:
             compile_cache.enable()
         self._fns = {name: self._deserialize(name) for name in ("prefill", "decode")}
-        self.params = to_device(arrays)
+        self.params = to_device(arrays) if self.placement is None else self.placement.place(arrays)
 
     @property
     def limits(self) -> dict:
@@ -81,11 +85,14 @@ class LoadedModel:
         rel = self.manifest.functions[name].files[self.platform]
         try:
             exported = jax.export.deserialize(bytearray(safe_member(self.path, rel).read_bytes()))
+            _parse_stablehlo(exported, rel)  # jax defers this to the first call: fail at load instead
         except ArtifactError:
             raise
         except Exception as e:  # a corrupt module that still matched its digest
-            raise ArtifactError(f"cannot deserialize {rel}: {type(e).__name__}: {e}") from None
-        return jax.jit(exported.call)
+            detail = " ".join(str(e).split())[:300]
+            raise ArtifactError(f"cannot deserialize {rel} ({type(e).__name__}: {detail}): "
+                                "re-export or re-copy the artifact") from None
+        return jax.jit(exported.call) if self.placement is None else self.placement.jit(exported)
 
     # -- raw calls ---------------------------------------------------------------------------
     def prefill(self, tokens: np.ndarray, lengths: np.ndarray):
@@ -139,6 +146,40 @@ class LoadedModel:
         for gen in self.stream(prompts, max_new_tokens, **kw):
             rows = gen.tokens if rows is None else [a + b for a, b in zip(rows, gen.tokens)]
         return rows if rows is not None else [[] for _ in prompts]
+
+
+def _parse_stablehlo(exported, rel: str) -> None:
+    """Parse the module's StableHLO bytecode now, so that a corrupt module fails at load time.
+
+    MLIR prints its parse diagnostics straight to file descriptor 2; they are captured and put
+    into the raised exception's message instead of leaking onto the user's terminal.
+    """
+    import os
+    import sys
+    import tempfile
+
+    from jax.interpreters import mlir
+
+    with tempfile.TemporaryFile() as captured:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(captured.fileno(), 2)
+        try:
+            with mlir.make_ir_context():
+                exported.mlir_module(serialized=False)
+            return
+        except Exception as e:  # noqa: BLE001 - re-raised below with MLIR's own diagnostic
+            error = e
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        captured.seek(0)
+        diagnostics = [line.split("error:", 1)[1].strip()
+                       for line in captured.read(1 << 16).decode("utf-8", "replace").splitlines()
+                       if "error:" in line]
+    detail = " ".join(f"{error}".split())[:200] + (f"; {diagnostics[0][:200]}" if diagnostics else "")
+    raise ArtifactError(f"cannot deserialize {rel} ({type(error).__name__}: {detail}): "
+                        "re-export or re-copy the artifact")
 
 
 def load(artifact_dir, weights: str | Path | None = None, seed: int = 0, **kw) -> LoadedModel:

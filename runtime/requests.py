@@ -20,14 +20,24 @@ class SamplingParams:
     min_p: float = 0.0
 
     def check(self) -> None:
-        if not np.isfinite(self.temperature) or self.temperature < 0:
+        temperature, top_k, top_p, min_p = (
+            _real(name, getattr(self, name)) for name in ("temperature", "top_k", "top_p", "min_p"))
+        if not np.isfinite(temperature) or temperature < 0:
             raise RequestError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if int(self.top_k) != self.top_k or self.top_k < 0:
+        if not np.isfinite(top_k) or int(top_k) != top_k or not 0 <= top_k < 2**31:
             raise RequestError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k}")
-        if not (0.0 < self.top_p <= 1.0):
+        if not (0.0 < top_p <= 1.0):
             raise RequestError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not (0.0 <= self.min_p < 1.0):
+        if not (0.0 <= min_p < 1.0):
             raise RequestError(f"min_p must be in [0, 1), got {self.min_p}")
+
+
+def _real(name: str, value) -> float:
+    """`value` as a float, or RequestError naming the parameter (strings, None, ...)."""
+    try:
+        return float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise RequestError(f"{name} must be a number, got {value!r:.60}") from None
 
 
 def check_prompts(prompts, limits: dict) -> list[list[int]]:
@@ -42,7 +52,7 @@ def check_prompts(prompts, limits: dict) -> list[list[int]]:
     for i, p in enumerate(prompts):
         try:
             row = [int(t) for t in p]
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise RequestError(f"prompt {i} is not a list of integer token ids") from None
         if any(int(t) != t for t in p):
             raise RequestError(f"prompt {i} has non-integer token ids")
@@ -60,14 +70,21 @@ def check_prompts(prompts, limits: dict) -> list[list[int]]:
 
 def check_new_tokens(n, limits: dict) -> int:
     cap = limits["max_new_tokens"]
-    if isinstance(n, bool) or int(n) != n or not 1 <= n <= cap:
+    try:
+        ok = not isinstance(n, bool) and int(n) == n and 1 <= n <= cap
+    except (TypeError, ValueError, OverflowError):
+        ok = False
+    if not ok:
         raise RequestError(f"max_new_tokens must be in [1, {cap}] (the artifact's cap), got {n}")
     return int(n)
 
 
 def check_stop_ids(stop, limits: dict) -> np.ndarray:
     """Stop ids padded with -1 to the artifact's fixed number of slots."""
-    stop = [] if stop is None else [int(s) for s in stop]
+    try:
+        stop = [] if stop is None else [int(s) for s in stop]
+    except (TypeError, ValueError, OverflowError):
+        raise RequestError(f"stop must be a list of integer token ids, got {stop!r:.60}") from None
     slots = limits["max_stop_tokens"]
     if len(stop) > slots:
         raise RequestError(f"{len(stop)} stop tokens, over the artifact's limit of {slots}")

@@ -14,8 +14,13 @@ def row_keys(seed: int | Sequence[int], rows: int) -> np.ndarray:
     a list gives one seed per row."""
     import jax
 
-    seeds = [seed] * rows if isinstance(seed, (int, np.integer)) else list(seed)
-    if len(seeds) != rows or any(isinstance(s, bool) or int(s) != s or s < 0 for s in seeds):
+    try:
+        seeds = [seed] * rows if isinstance(seed, (int, np.integer)) else list(seed)
+        ok = len(seeds) == rows and not any(
+            isinstance(s, bool) or int(s) != s or not 0 <= s < 2**63 for s in seeds)
+    except (TypeError, ValueError, OverflowError):  # a string, None, a float nan, ...
+        ok = False
+    if not ok:
         raise RequestError(f"seed must be an integer >= 0 or a list of {rows} of them")
     base = jax.random.PRNGKey
     keys = [

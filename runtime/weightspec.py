@@ -149,7 +149,7 @@ def _names(value, where: str, field: str) -> tuple[str, ...]:
 
 
 def _init(value, where: str) -> dict:
-    if not isinstance(value, Mapping) or value.get("kind") not in _INIT_KINDS:
+    if not isinstance(value, Mapping) or not isinstance(value.get("kind"), str) or value["kind"] not in _INIT_KINDS:
         raise _bad(where, f"'init' must be an object with kind one of {', '.join(_INIT_KINDS)}, got {value!r}")
     kind = value["kind"]
     out: dict[str, Any] = {"kind": kind}
