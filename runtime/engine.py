@@ -21,7 +21,7 @@ import numpy as np
 
 from runtime import compile_cache
 from runtime.compat import check_compatibility, check_platform, current_platform
-from runtime.errors import ArtifactError
+from runtime.errors import ArtifactError, RequestError
 from runtime.integrity import safe_member, verify_files
 from runtime.manifest import Manifest, read_manifest
 from runtime.placement import from_manifest as placement_from_manifest
@@ -115,10 +115,8 @@ class LoadedModel:
         """Yields the new tokens block by block: one device call per block of up to `block` tokens."""
         prompts = check_prompts(prompts, self.limits)
         max_new_tokens = check_new_tokens(max_new_tokens, self.limits)
-        if int(block) != block or block < 1:
-            from runtime.errors import RequestError
-
-            raise RequestError(f"block must be a positive integer, got {block}")
+        if isinstance(block, bool) or not isinstance(block, (int, np.integer)) or block < 1:
+            raise RequestError(f"block must be a positive integer, got {block!r}")
         sampling = SamplingParams(temperature, top_k, top_p, min_p)
         sampling.check()
         stop_ids = check_stop_ids(stop, self.limits)

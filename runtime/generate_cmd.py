@@ -34,13 +34,27 @@ def _tokenizer(weights: Path | None):
         raise RequestError(f"cannot read {path}: {e}") from None
 
 
+def _check_request(artifact, prompts, max_new_tokens, temperature, top_k, top_p, min_p):
+    """Refuse a bad request from the manifest alone, before reading weights or compiling."""
+    import dataclasses
+
+    from runtime.manifest import read_manifest
+    from runtime.requests import SamplingParams, check_new_tokens, check_prompts
+
+    limits = dataclasses.asdict(read_manifest(artifact).limits)
+    check_prompts(prompts, limits)
+    if max_new_tokens is not None:
+        check_new_tokens(max_new_tokens, limits)
+    SamplingParams(temperature, top_k, top_p, min_p).check()
+
+
 @click.command("generate")
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--weights", type=click.Path(path_type=Path),
               help="HF checkpoint dir, .safetensors file or orbax checkpoint [default: seeded random].")
 @click.option("--prompt", "texts", multiple=True, help="Prompt text (needs the checkpoint's tokenizer.json).")
 @click.option("--prompt-ids", "id_lists", multiple=True, help="Comma-separated token ids; repeat for a batch.")
-@click.option("--max-new-tokens", default=64, show_default=True, type=int)
+@click.option("--max-new-tokens", type=int, help="[default: 64, or the artifact's cap if smaller]")
 @click.option("--temperature", default=0.0, show_default=True, type=float, help="0 = greedy.")
 @click.option("--top-k", default=0, show_default=True, type=int, help="0 = off.")
 @click.option("--top-p", default=1.0, show_default=True, type=float, help="1 = off.")
@@ -59,10 +73,13 @@ def generate_command(artifact, weights, texts, id_lists, max_new_tokens, tempera
         raise RequestError("give prompts with either --prompt or --prompt-ids (not both, not neither)")
     tokenizer = _tokenizer(weights) if texts else None
     prompts = [tokenizer.encode(t).ids for t in texts] if texts else _ids(id_lists)
+    _check_request(artifact, prompts, max_new_tokens, temperature, top_k, top_p, min_p)
     model = load(artifact, weights, seed=seed)
     if weights is None:
         click.echo(f"note: no --weights given: using {model.weights_source}; outputs are meaningless",
                    err=True)
+    if max_new_tokens is None:
+        max_new_tokens = min(64, model.limits["max_new_tokens"])
     stop = list(stop_ids) if stop_ids else ([model.eos_id] if model.eos_id is not None else [])
     kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, stop=stop)
     if stream and not as_json:

@@ -42,6 +42,8 @@ def _real(name: str, value) -> float:
 
 def check_prompts(prompts, limits: dict) -> list[list[int]]:
     """A non-empty ragged list of non-empty token-id lists, inside the artifact's limits."""
+    if isinstance(prompts, np.ndarray) and prompts.ndim == 2:  # a rectangular batch
+        prompts = prompts.tolist()
     if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or len(prompts) == 0:
         raise RequestError("prompts must be a non-empty list of token-id lists")
     if len(prompts) > limits["max_batch"]:

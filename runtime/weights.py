@@ -571,7 +571,7 @@ def load_weights(path, spec, *, check_finite: bool = True) -> dict[str, np.ndarr
         if bad:
             raise WeightsError(
                 f"checkpoint {ckpt.path} has non-finite weights: {_problems('', bad)} (the checkpoint is "
-                "corrupt or from a diverged run; re-download it, or load with check_finite=False to skip this check)"
+                "corrupt or from a diverged run; re-download or re-convert it)"
             )
     return out
 
