@@ -58,8 +58,8 @@ def verify(loaded: LoadedModel, steps: int = 64, seed: int = 0) -> VerifyReport:
     fns = live_functions(loaded)
     limits = loaded.limits
     rng = np.random.default_rng(seed)
-    chunk = fns.cfg.chunk_size
-    lengths = sorted({1, 7, min(chunk + 11, limits["max_prompt_tokens"])})[: limits["max_batch"]]
+    # A ragged batch whose longest prompt crosses an SSD chunk boundary on cpu (chunk 128).
+    lengths = sorted({1, 7, min(139, limits["max_prompt_tokens"])})[: limits["max_batch"]]
     prompts = [rng.integers(0, limits["vocab_size"], n).tolist() for n in lengths]
     tokens, lens = pad_batch(prompts, loaded.buckets)
     B = tokens.shape[0]

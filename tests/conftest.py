@@ -7,6 +7,7 @@ use `random_params` or `jax_runner` never import torch.
 
 from __future__ import annotations
 
+import os
 import dataclasses
 import math
 from pathlib import Path
@@ -239,3 +240,11 @@ def tiny_hf_groups(hf_checkpoint) -> HFCheckpoint:
 def tiny_hf_untied(hf_checkpoint) -> HFCheckpoint:
     """Untied lm_head (`tie_word_embeddings=False`), no conv bias."""
     return hf_checkpoint("untied", seed=2, tie_word_embeddings=False, use_conv_bias=False)
+
+
+# CI runs must be reproducible: the same hypothesis examples every run.
+from hypothesis import settings as _hypothesis_settings  # noqa: E402
+
+_hypothesis_settings.register_profile("ci", derandomize=True, deadline=None)
+if os.environ.get("CI"):
+    _hypothesis_settings.load_profile("ci")
