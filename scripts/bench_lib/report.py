@@ -44,10 +44,13 @@ def build_rows(results: dict) -> list[dict]:
     settings = results["settings"]
     rows: list[dict] = []
 
-    def row(measure, unit, values, roofline=None, target=None, lower_is_better=False, note=None):
+    def row(measure, unit, values, roofline=None, target=None, lower_is_better=False, note=None,
+            ratio=True):
+        if all(v is None for v in values.values()):  # not measured in this run
+            return
         rt, hf = values.get("runtime"), values.get("hf")
         r = {"measure": measure, "unit": unit, "values": values,
-             "runtime_over_hf": rt / hf if rt is not None and hf else None,
+             "runtime_over_hf": rt / hf if ratio and rt is not None and hf else None,
              "roofline": roofline,
              "pct_of_roofline": (100 * (roofline / rt if lower_is_better else rt / roofline))
              if rt and roofline else None,
@@ -81,12 +84,12 @@ def build_rows(results: dict) -> list[dict]:
                     for s, d in pos.items()}
             row(f"ms/token at position {p}", "ms", vals, floor_ms, lower_is_better=True)
         ratios = {s: (d["ms_per_token"][-1] / d["ms_per_token"][0] if d else None) for s, d in pos.items()}
-        last = {s: d["positions"][-1] for s, d in pos.items() if d}
-        note = ", ".join(f"{s} {last[s]}/{d['positions'][0]}" for s, d in pos.items() if d)
-        row("ms/token last/first block", "ratio", ratios, None,
-            ("position", ratios["runtime"]) if rt_pos else None, note=f"positions {note}")
+        note = ", ".join(f"{s} {d['positions'][-1]}/{d['positions'][0]}" for s, d in pos.items() if d)
+        span = f" ({rt_pos['positions'][-1]}/{rt_pos['positions'][0]})" if rt_pos else ""
+        row(f"ms/token last/first block{span}", "ratio", ratios, None,
+            ("position", ratios["runtime"]) if rt_pos else None, note=f"positions {note}", ratio=False)
         row("ms/token slope", "ms per 1k pos", {s: (d["slope_ms_per_1k_positions"] if d else None)
-                                                for s, d in pos.items()})
+                                                for s, d in pos.items()}, ratio=False)
 
     rss = {s: _get(systems, s, "peak_rss_mib") for s in SYSTEMS}
     if any(v is not None for v in rss.values()):
@@ -141,7 +144,8 @@ def format_table(rows: list[dict], results: dict) -> str:
     if bw:
         out.append(f"machine read bandwidth {bw['gb_s']:.1f} GB/s ({bw['best_method']}; numpy 1 thread "
                    f"{bw['numpy_1thread_gb_s']:.1f}, numpy {bw['numpy_threads']} threads "
-                   f"{bw['numpy_threads_gb_s']:.1f}, XLA {bw['xla_sum_gb_s']:.1f})")
+                   f"{bw['numpy_threads_gb_s']:.1f}, XLA sum {bw['xla_sum_gb_s']:.1f}, XLA matvec "
+                   f"{bw['xla_matvec_gb_s']:.1f})")
     if gemm:
         out.append(f"machine fp32 GEMM peak {gemm['gflop_s']:.1f} GFLOP/s (XLA, " + ", ".join(
             f"{k} {v['gflop_s']:.1f}" for k, v in gemm["shapes"].items()) + ")")

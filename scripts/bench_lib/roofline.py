@@ -2,7 +2,7 @@
 
 Bandwidth: sum over a large float32 array (larger than any cache), best of several passes,
 with numpy on one thread, numpy on every core (threads over slices; numpy releases the GIL in
-reductions) and an XLA-jitted sum. The decode floor uses the best of them.
+reductions), an XLA-jitted sum and an XLA-jitted matrix-vector product (a decode step's pattern). The decode floor uses the best of them.
 GEMM: XLA-jitted float32 matmuls, 2048x2048x2048 and the model's own prefill shapes
 (in_proj and out_proj at T tokens), best of several; the prefill ceiling uses the best.
 """
@@ -54,8 +54,17 @@ def bandwidth(nbytes: int, passes: int = 5) -> dict:
     best, times = _best(lambda: f(x).block_until_ready(), passes)
     out["xla_sum_gb_s"] = x.nbytes / best / 1e9
     out["xla_sum_times_s"] = times
+    # The decode step's own access pattern: a matrix-vector product streaming the matrix once.
+    k = 2048
+    w = x[: (n // k) * k].reshape(-1, k)
     del x
-    keys = ("numpy_1thread_gb_s", "numpy_threads_gb_s", "xla_sum_gb_s")
+    v = jnp.ones((k,), jnp.float32)
+    mv = jax.jit(lambda w, v: jnp.einsum("nk,k->n", w, v))
+    best, times = _best(lambda: mv(w, v).block_until_ready(), passes)
+    out["xla_matvec_gb_s"] = w.nbytes / best / 1e9
+    out["xla_matvec_times_s"] = times
+    del w
+    keys = ("numpy_1thread_gb_s", "numpy_threads_gb_s", "xla_sum_gb_s", "xla_matvec_gb_s")
     out["best_method"] = max(keys, key=lambda k: out[k])
     out["gb_s"] = out[out["best_method"]]
     return out
@@ -91,7 +100,8 @@ def measure(spec: dict) -> dict:
     res["bandwidth"] = bandwidth(spec["bandwidth_bytes"], spec["roofline_passes"])
     b = res["bandwidth"]
     log(f"bandwidth: numpy 1 thread {b['numpy_1thread_gb_s']:.1f} GB/s, numpy {b['numpy_threads']} threads "
-        f"{b['numpy_threads_gb_s']:.1f} GB/s, XLA sum {b['xla_sum_gb_s']:.1f} GB/s", "roofline")
+        f"{b['numpy_threads_gb_s']:.1f} GB/s, XLA sum {b['xla_sum_gb_s']:.1f} GB/s, XLA matvec "
+        f"{b['xla_matvec_gb_s']:.1f} GB/s", "roofline")
     res["gemm"] = gemm({"square_2048": (2048, 2048, 2048),
                         f"in_proj_T{T}": (T, d, in_proj),
                         f"out_proj_T{T}": (T, inter, d)}, spec["roofline_passes"])
