@@ -156,8 +156,11 @@ class Mixer(nnx.Module):
         """One token. h [b, d]; conv_state [b, K-1, ch]; ssm_state [b, h, p, n]."""
         z, xbc, dt = self._split(self.in_proj(h))
         window = jnp.concatenate([conv_state.astype(F32), xbc.astype(F32)[:, None]], axis=1)  # [b, K, ch]
-        # A broadcast multiply-sum: as an einsum XLA CPU emits one tiny batched dot per channel.
-        conv = jax.nn.silu(self.conv1d.add_bias(jnp.sum(window * self.conv1d.taps()[None], axis=1)))
+        # The K taps summed one by one: an einsum becomes one tiny dot per channel, and a
+        # multiply + reduce a slow reduction fusion on XLA CPU; this is one elementwise fusion.
+        taps = self.conv1d.taps()  # [K, ch]
+        conv = sum(window[:, k] * taps[k] for k in range(taps.shape[0]))  # [b, ch]
+        conv = jax.nn.silu(self.conv1d.add_bias(conv))
         x, B, C, dt, A = self._ssm_inputs(conv, dt)
         y, ssm_state = ssd_step(ssm_state, x, dt, A, B, C)
         return self._output(y, x, z), window[:, 1:].astype(conv_state.dtype), ssm_state
