@@ -65,7 +65,10 @@ class LoadedModel:
         if use_compile_cache:
             compile_cache.enable()
         self._fns = {name: self._deserialize(name) for name in ("prefill", "decode")}
-        self.params = to_device(arrays) if self.placement is None else self.placement.place(arrays)
+        if self.placement is None:
+            self.params = to_device(arrays, consume=True)
+        else:
+            self.params = self.placement.place(arrays)
 
     @property
     def limits(self) -> dict:

@@ -679,8 +679,12 @@ def save_orbax(params: Mapping[str, Any], path, config: Mapping | None = None, *
     return dest
 
 
-def to_device(params: Mapping[str, Any], shardings=None) -> dict:
-    """jax.device_put each array; `shardings` is one Sharding/Device for all, or {name: sharding}."""
+def to_device(params: Mapping[str, Any], shardings=None, *, consume: bool = False) -> dict:
+    """jax.device_put each array; `shardings` is one Sharding/Device for all, or {name: sharding}.
+
+    consume=True pops each host array from `params` (a dict) once it is on the device, so peak
+    memory is one model plus one tensor, not two models.
+    """
     import jax
 
     if isinstance(shardings, Mapping):
@@ -688,8 +692,13 @@ def to_device(params: Mapping[str, Any], shardings=None) -> dict:
         if unknown:
             raise WeightsError(f"shardings name {len(unknown)} tensors that are not parameters: "
                                f"{', '.join(unknown[:5])}; use the weight spec's tensor names")
-        return {name: jax.device_put(arr, shardings.get(name)) for name, arr in params.items()}
-    return {name: jax.device_put(arr, shardings) for name, arr in params.items()}
+    out = {}
+    for name in list(params):
+        sharding = shardings.get(name) if isinstance(shardings, Mapping) else shardings
+        out[name] = jax.block_until_ready(jax.device_put(params[name], sharding))
+        if consume:
+            del params[name]
+    return out
 
 
 __all__ = [
