@@ -6,24 +6,12 @@ import time
 from pathlib import Path
 
 import click
-import jax.numpy as jnp
 
 from runtime.errors import ExportError
 
 from exporter.config import ConfigError, load_config
 from exporter.functions import Limits, ModelFunctions
-from exporter.lowering import PLATFORMS, default_dtype
-
-
-def _resolve_dtype(dtype: str | None, platforms: tuple[str, ...]):
-    if dtype:
-        return jnp.dtype(dtype)
-    defaults = {jnp.dtype(default_dtype(p)).name for p in platforms}
-    if len(defaults) > 1:
-        raise ExportError(
-            f"platforms {', '.join(platforms)} default to different dtypes (cpu float32, accelerators "
-            "bfloat16): pass --dtype, or export cpu and accelerators separately")
-    return jnp.dtype(defaults.pop())
+from exporter.lowering import PLATFORMS, resolve_dtype
 
 
 def _positive(ctx, param, value):
@@ -66,7 +54,7 @@ def export_command(model, platforms, out, dtype, fmt, weights, sm_version, max_n
     except ConfigError as e:
         raise ExportError(str(e)) from None
     platforms = tuple(dict.fromkeys(platforms))
-    dt = _resolve_dtype(dtype, platforms)
+    dt = resolve_dtype(dtype, platforms)
     limits = Limits(max_batch=max_batch, max_prompt_tokens=max_prompt_tokens,
                     max_new_tokens=max_new_tokens or (256 if fmt == "savedmodel" else Limits.max_new_tokens),
                     max_stop_tokens=max_stop_tokens)

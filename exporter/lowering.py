@@ -20,6 +20,20 @@ def default_dtype(platform: str):
     return jnp.float32 if platform == "cpu" else jnp.bfloat16
 
 
+def resolve_dtype(dtype, platforms) -> jnp.dtype:
+    """The dtype asked for, else the platforms' common default (an error if they differ)."""
+    if dtype is not None:
+        return jnp.dtype(dtype)
+    defaults = {jnp.dtype(default_dtype(p)).name for p in platforms}
+    if len(defaults) > 1:
+        from runtime.errors import ExportError
+
+        raise ExportError(
+            f"platforms {', '.join(platforms)} default to different dtypes (cpu float32, accelerators "
+            "bfloat16): pass --dtype, or export cpu and accelerators separately")
+    return jnp.dtype(defaults.pop())
+
+
 def export_one(fns: ModelFunctions, name: str, platform: str) -> jax.export.Exported:
     fns = dataclasses.replace(fns, platform=platform)
     fn: Callable = getattr(fns, name)

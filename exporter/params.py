@@ -54,6 +54,11 @@ def bind(cfg: Mamba2Config, params: dict[str, jax.Array], dtype=jnp.float32,
          rowwise_decode: bool = False) -> Mamba2LM:
     """An nnx model over `params` (traceable: call inside jit/export)."""
     graphdef, state = _abstract(cfg, jnp.dtype(dtype).name, rowwise_decode)
+    return merge_flat(graphdef, state, params)
+
+
+def merge_flat(graphdef, abstract_state, params: dict[str, jax.Array]):
+    """nnx.merge over a flat {dotted name: array} dict (traceable)."""
     nested: dict = {}
     for name, value in params.items():
         node = nested
@@ -61,7 +66,7 @@ def bind(cfg: Mamba2Config, params: dict[str, jax.Array], dtype=jnp.float32,
         for k in parents:
             node = node.setdefault(k, {})
         node[leaf] = value
-    state = jax.tree.map(lambda x: x, state)  # copy: the cached abstract state stays abstract
+    state = jax.tree.map(lambda x: x, abstract_state)  # copy: the cached abstract state stays abstract
     nnx.replace_by_pure_dict(state, nested)
     return nnx.merge(graphdef, state)
 

@@ -255,18 +255,6 @@ def _tree_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def _resolve_dtype(dtype, platforms):
-    if dtype is not None:
-        return jnp.dtype(dtype)
-    from exporter.lowering import default_dtype
-
-    defaults = {jnp.dtype(default_dtype(p)).name for p in platforms}
-    if len(defaults) > 1:
-        raise ExportError(f"platforms {', '.join(platforms)} default to different dtypes "
-                          "(cpu float32, accelerators bfloat16): pass a dtype")
-    return jnp.dtype(defaults.pop())
-
-
 def export_savedmodel(model: str, weights: str | None, out: Path, version: int, force: bool,
                       echo: Callable[[str], None] = print, *, dtype=None, limits: Limits | None = None,
                       platforms=("cpu",), seed: int = 0) -> Path:
@@ -287,7 +275,9 @@ def export_savedmodel(model: str, weights: str | None, out: Path, version: int, 
         cfg = load_config(model)
     except ConfigError as e:
         raise ExportError(str(e)) from None
-    dt = _resolve_dtype(dtype, platforms)
+    from exporter.lowering import resolve_dtype
+
+    dt = resolve_dtype(dtype, platforms)
     dest = Path(out) / str(version)
     if dest.exists() and not force:  # before any slow work
         raise ExportError(f"{dest} already exists: pass --force to replace it, or use another version")

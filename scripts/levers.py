@@ -33,6 +33,7 @@ from exporter.config import PRESETS
 from exporter.functions import Limits, ModelFunctions
 from exporter.loading import load_params
 from exporter.model import Block
+from exporter.params import merge_flat
 
 
 def timed(f, *args, repeat=5):
@@ -78,16 +79,7 @@ def lever_loop(cfg, params):
 
         def body(resid, xs):
             layer_params, c, s = xs
-            nested: dict = {}
-            for name, value in layer_params.items():
-                node = nested
-                *parents, leaf = name.split(".")
-                for k in parents:
-                    node = node.setdefault(k, {})
-                node[leaf] = value
-            state = jax.tree.map(lambda x: x, block_state)
-            nnx.replace_by_pure_dict(state, nested)
-            resid, c, s = nnx.merge(graphdef, state).step(resid, c, s)
+            resid, c, s = merge_flat(graphdef, block_state, layer_params).step(resid, c, s)
             return resid, (c, s)
 
         resid, (conv, ssm) = jax.lax.scan(body, resid, (stacked, conv, ssm))
