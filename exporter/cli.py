@@ -63,9 +63,9 @@ def export_command(model, platforms, out, dtype, fmt, weights, sm_version, max_n
 
         if devices > 1:
             raise ExportError("--devices applies to jax artifacts only: drop it with --format savedmodel")
-        if weights is None and Path(model).exists():
-            weights = Path(model) if Path(model).is_dir() else Path(model).parent
-        export_savedmodel(model, None if weights is None else str(weights),
+        from exporter.loading import checkpoint_dir
+
+        export_savedmodel(model, str(weights) if weights is not None else checkpoint_dir(model),
                           out or Path("artifacts") / f"{cfg.name}-savedmodel", sm_version, force,
                           echo=click.echo, dtype=dt, limits=limits, platforms=platforms)
         return

@@ -7,7 +7,6 @@ from pathlib import Path
 import jax.numpy as jnp
 
 from exporter.config import Mamba2Config, load_config
-from exporter.model import Mamba2LM
 from exporter.params import bind, weight_spec
 from runtime.weights import load_weights, parse_weight_spec, random_weights
 
@@ -22,11 +21,14 @@ def load_params(cfg: Mamba2Config, weights: str | None, dtype=jnp.float32, seed:
 def load_model(model: str, weights: str | None = None, dtype=jnp.float32, seed: int = 0):
     """(config, live Mamba2LM). `model` is a preset or HF checkpoint dir; weights default to it if a dir."""
     cfg = load_config(model)
-    if weights is None and Path(model).exists():  # a checkpoint dir (or its config.json) holds the weights
-        weights = str(Path(model) if Path(model).is_dir() else Path(model).parent)
-    params = load_params(cfg, weights, dtype, seed)
+    params = load_params(cfg, weights if weights is not None else checkpoint_dir(model), dtype, seed)
     return cfg, bind(cfg, params, dtype)
 
 
-def model_from_params(cfg: Mamba2Config, params: dict, dtype=jnp.float32) -> Mamba2LM:
-    return bind(cfg, params, dtype)
+def checkpoint_dir(model: str) -> str | None:
+    """The directory holding a checkpoint's weights when `model` is a checkpoint dir or its
+    config.json; None for a preset name."""
+    path = Path(model)
+    if not path.exists():
+        return None
+    return str(path if path.is_dir() else path.parent)

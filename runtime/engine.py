@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from runtime import compile_cache
-from runtime.compat import check_compatibility, check_platform, current_platform
+from runtime.compat import check_compatibility, current_platform
 from runtime.errors import ArtifactError, RequestError
 from runtime.integrity import safe_member, verify_files
 from runtime.manifest import Manifest, read_manifest
@@ -46,9 +46,8 @@ class LoadedModel:
                  use_compile_cache: bool = True):
         self.path = Path(artifact_dir)
         self.manifest: Manifest = read_manifest(self.path)
-        check_compatibility(self.manifest)
         self.platform = current_platform()
-        check_platform(self.manifest, self.platform)
+        check_compatibility(self.manifest, self.platform)  # jax window, calling convention, platform
         names = [fn.files[self.platform] for fn in self.manifest.functions.values()]
         verify_files(self.path, self.manifest, names)
         spec = parse_weight_spec(self.manifest.weights)
