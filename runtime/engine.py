@@ -8,6 +8,8 @@ state is an opaque pytree handed from one call to the next.
 Bucketing: prompts are right-padded to the smallest prompt bucket (powers of two) and the
 batch to the smallest batch bucket, so a process compiles each function at most
 log2(max/min) + 1 times per axis; every compile lands in the persistent XLA cache.
+Single-device artifacts compile through runtime.programs: sizes given to `prepare` (and those
+the previous process used) compile in a worker thread while the weights load.
 """
 
 from __future__ import annotations
@@ -25,10 +27,14 @@ from runtime.errors import ArtifactError, RequestError
 from runtime.integrity import safe_member, verify_files
 from runtime.manifest import Manifest, read_manifest
 from runtime.placement import from_manifest as placement_from_manifest
-from runtime.requests import (SamplingParams, check_new_tokens, check_prompts, check_stop_ids,
+from runtime.programs import Programs, solve_dims
+from runtime.requests import (SamplingParams, bucket, check_new_tokens, check_prompts, check_stop_ids,
                               pad_batch)
 from runtime.rng import row_keys
 from runtime.weights import load_weights, parse_weight_spec, random_weights, to_device
+
+
+_FUNCTIONS = ("prefill", "decode")
 
 
 @dataclasses.dataclass
@@ -43,30 +49,62 @@ class LoadedModel:
     """An artifact's compiled functions for this backend plus weights placed on the device."""
 
     def __init__(self, artifact_dir, weights: str | Path | None = None, seed: int = 0,
-                 use_compile_cache: bool = True):
+                 use_compile_cache: bool = True, prepare: Sequence[tuple[int, int]] = ()):
         self.path = Path(artifact_dir)
         self.manifest: Manifest = read_manifest(self.path)
         self.platform = current_platform()
         check_compatibility(self.manifest, self.platform)  # jax window, calling convention, platform
-        names = [fn.files[self.platform] for fn in self.manifest.functions.values()]
-        verify_files(self.path, self.manifest, names)
+        files = {name: fn.files[self.platform] for name, fn in self.manifest.functions.items()}
+        verify_files(self.path, self.manifest, list(files.values()))
         spec = parse_weight_spec(self.manifest.weights)
         # A multi-device artifact (manifest mesh): exactly that many devices, weights sharded.
         self.placement = placement_from_manifest(self.manifest, spec)
-        # Weights are read and checked against the spec before any device work.
+        cached = use_compile_cache and compile_cache.enable() is not None
+        self._programs: Programs | None = None
+        if self.placement is None:
+            key = compile_cache.artifact_key(
+                {rel: self.manifest.files[rel].sha256 for rel in files.values()}, self.platform)
+            self._programs = Programs(self.manifest.functions, self._deserialize, key if cached else None)
+        prepare = list(prepare)
+        for size in prepare:  # checked now: a bad size fails before any work
+            if not isinstance(size, (tuple, list)) or len(size) != 2:
+                raise RequestError(f"prepare: each entry must be (batch, prompt_tokens), got {size!r}")
+            self._buckets_for(*size)
+
+        def compile_meanwhile():
+            """Once the weights are known to fit: compile while their data is read."""
+            if self._programs is not None:
+                self._programs.start(_FUNCTIONS)
+                for batch, prompt_tokens in prepare:
+                    self.prepare(batch, prompt_tokens)
+                self._programs.prepare_remembered()
+
+        try:
+            self._load(weights, spec, seed, compile_meanwhile)
+        except BaseException:
+            if self._programs is not None:
+                self._programs.close()
+            raise
+
+    def _load(self, weights, spec, seed: int, compile_meanwhile) -> None:
+        """Weights (checked against the spec before any device work) onto the device."""
         if weights is None:
+            compile_meanwhile()
             arrays = random_weights(spec, seed)
             self.weights_source = f"seeded random weights (seed {seed})"
-        else:
-            loader = self.placement.load_weights if self.placement is not None else load_weights
-            arrays = loader(weights, spec)
+        elif self.placement is not None:
+            arrays = self.placement.load_weights(weights, spec)
             self.weights_source = str(weights)
-        if use_compile_cache:
-            compile_cache.enable()
-        self._fns = {name: self._deserialize(name) for name in ("prefill", "decode")}
-        if self.placement is None:
+        else:
+            arrays = load_weights(weights, spec, on_checked=compile_meanwhile)
+            self.weights_source = str(weights)
+        if self._programs is not None:
+            for name in _FUNCTIONS:
+                self._programs.exported(name)  # a corrupt module fails the load, not the first call
+            self._fns = {}
             self.params = to_device(arrays, consume=True)
         else:
+            self._fns = {name: self.placement.jit(self._deserialize(name)) for name in _FUNCTIONS}
             self.params = self.placement.place(arrays)
 
     @property
@@ -82,6 +120,7 @@ class LoadedModel:
         return self.manifest.tokens.eos_id
 
     def _deserialize(self, name: str):
+        """The function's jax.export module, parsed now: a corrupt module fails here."""
         if name not in self.manifest.functions:
             raise ArtifactError(f"artifact has no function {name!r}: re-export it")
         rel = self.manifest.functions[name].files[self.platform]
@@ -94,17 +133,41 @@ class LoadedModel:
             detail = " ".join(str(e).split())[:300]
             raise ArtifactError(f"cannot deserialize {rel} ({type(e).__name__}: {detail}): "
                                 "re-export or re-copy the artifact") from None
-        return jax.jit(exported.call) if self.placement is None else self.placement.jit(exported)
+        return exported
+
+    def _buckets_for(self, batch: int, prompt_tokens: int) -> tuple[int, int]:
+        """(batch bucket, prompt bucket) of a request size, checked against the limits."""
+        lim = self.manifest.limits
+        for what, n, most in (("batch", batch, lim.max_batch), ("prompt_tokens", prompt_tokens, lim.max_prompt_tokens)):
+            if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= most:
+                raise RequestError(f"prepare: {what} must be an integer in [1, {most}], got {n!r}")
+        return bucket(int(batch), self.manifest.buckets.batch), bucket(int(prompt_tokens), self.manifest.buckets.prompt)
+
+    def prepare(self, batch: int = 1, prompt_tokens: int = 1) -> None:
+        """Compile prefill and decode for requests of this size in the background (returns at once);
+        the first such request then finds them ready. No-op for multi-device artifacts."""
+        B, T = self._buckets_for(batch, prompt_tokens)
+        if self._programs is not None:
+            fns = self.manifest.functions
+            self._programs.prepare("prefill", solve_dims(fns["prefill"], {"tokens": (B, T)}))
+            self._programs.prepare("decode", solve_dims(fns["decode"], {"finished": (B,)}))
+
+    def _call(self, name: str, shapes: dict, *args):
+        if self._programs is None:
+            return self._fns[name](*args)
+        dims = solve_dims(self.manifest.functions[name], shapes)
+        return self._programs.get(name, dims)(*args)
 
     # -- raw calls ---------------------------------------------------------------------------
     def prefill(self, tokens: np.ndarray, lengths: np.ndarray):
         """tokens int32[B, T], lengths int32[B] (already bucketed) -> (logits [B, V], state)."""
-        return self._fns["prefill"](self.params, tokens, lengths)
+        return self._call("prefill", {"tokens": np.shape(tokens)}, self.params, tokens, lengths)
 
     def decode(self, state, logits, finished, budget, start_step, keys, sampling: SamplingParams,
                stop_ids):
         f32, i32 = np.float32, np.int32
-        return self._fns["decode"](
+        return self._call(
+            "decode", {"finished": np.shape(finished)},
             self.params, state, logits, finished, i32(budget), i32(start_step), keys,
             f32(sampling.temperature), i32(sampling.top_k), f32(sampling.top_p),
             f32(sampling.min_p), stop_ids)
@@ -151,32 +214,27 @@ class LoadedModel:
 def _parse_stablehlo(exported, rel: str) -> None:
     """Parse the module's StableHLO bytecode now, so that a corrupt module fails at load time.
 
-    MLIR prints its parse diagnostics straight to file descriptor 2; they are captured and put
-    into the raised exception's message instead of leaking onto the user's terminal.
+    MLIR's diagnostics go to a handler (never to the terminal; this may run in a worker thread
+    while the main thread prints) and into the raised exception's message.
     """
-    import os
-    import sys
-    import tempfile
-
     from jax.interpreters import mlir
 
-    with tempfile.TemporaryFile() as captured:
-        sys.stderr.flush()
-        saved = os.dup(2)
-        os.dup2(captured.fileno(), 2)
-        try:
-            with mlir.make_ir_context():
+    diagnostics: list[str] = []
+
+    def collect(diagnostic) -> bool:
+        diagnostics.append(str(diagnostic.message))
+        return True  # handled: MLIR prints nothing
+
+    try:
+        with mlir.make_ir_context() as context:
+            handler = context.attach_diagnostic_handler(collect)
+            try:
                 exported.mlir_module(serialized=False)
-            return
-        except Exception as e:  # noqa: BLE001 - re-raised below with MLIR's own diagnostic
-            error = e
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-        captured.seek(0)
-        diagnostics = [line.split("error:", 1)[1].strip()
-                       for line in captured.read(1 << 16).decode("utf-8", "replace").splitlines()
-                       if "error:" in line]
+            finally:
+                handler.detach()
+        return
+    except Exception as e:  # noqa: BLE001 - re-raised below with MLIR's own diagnostic
+        error = e
     detail = " ".join(f"{error}".split())[:200] + (f"; {diagnostics[0][:200]}" if diagnostics else "")
     raise ArtifactError(f"cannot deserialize {rel} ({type(error).__name__}: {detail}): "
                         "re-export or re-copy the artifact")
@@ -184,5 +242,9 @@ def _parse_stablehlo(exported, rel: str) -> None:
 
 def load(artifact_dir, weights: str | Path | None = None, seed: int = 0, **kw) -> LoadedModel:
     """Load an artifact and its weights (HF checkpoint dir, .safetensors file, orbax checkpoint);
-    with no weights, seeded random weights per the artifact's weight specification."""
+    with no weights, seeded random weights per the artifact's weight specification.
+
+    prepare=[(batch, prompt_tokens), ...] compiles for those request sizes while the weights
+    load; the sizes the previous process used with this artifact are prepared anyway (when
+    the compile cache is on)."""
     return LoadedModel(artifact_dir, weights, seed, **kw)

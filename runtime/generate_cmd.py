@@ -74,7 +74,8 @@ def generate_command(artifact, weights, texts, id_lists, max_new_tokens, tempera
     tokenizer = _tokenizer(weights) if texts else None
     prompts = [tokenizer.encode(t).ids for t in texts] if texts else _ids(id_lists)
     _check_request(artifact, prompts, max_new_tokens, temperature, top_k, top_p, min_p)
-    model = load(artifact, weights, seed=seed)
+    # Compiles for this request's size while the weights load.
+    model = load(artifact, weights, seed=seed, prepare=[(len(prompts), max(map(len, prompts)))])
     if weights is None:
         click.echo(f"note: no --weights given: using {model.weights_source}; outputs are meaningless",
                    err=True)

@@ -146,7 +146,8 @@ class Placement:
     def load_weights(self, path, spec, *, check_finite: bool = True) -> dict:
         """{name: array}: restored sharded from an orbax checkpoint, else read on the host
         (runtime.weights.load_weights) for `place` to put on the devices."""
-        from runtime.weights import OrbaxCheckpoint, load_weights, open_checkpoint
+        from runtime.checkpoints import OrbaxCheckpoint, open_checkpoint
+        from runtime.weights import load_weights
 
         with open_checkpoint(path) as ckpt:
             if isinstance(ckpt, OrbaxCheckpoint):

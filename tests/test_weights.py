@@ -15,10 +15,10 @@ from safetensors.numpy import save_file
 from exporter.config import Mamba2Config
 from exporter.params import param_shapes, weight_spec
 from runtime.errors import ExportError, WeightsError
+from runtime.checkpoints import open_checkpoint
 from runtime.weights import (
     check_config,
     load_weights,
-    open_checkpoint,
     parse_weight_spec,
     random_weights,
     save_orbax,
@@ -191,7 +191,7 @@ def test_mismatch_messages(tmp_path, spec, monkeypatch):
     arrays["backbone.layers.1.mixer.D"] = np.ones((8,), np.int64)
     d = _save(tmp_path, arrays)
     # Names, shapes and dtypes are checked from headers only: no tensor data is read.
-    from runtime.weights import SafetensorsCheckpoint
+    from runtime.checkpoints import SafetensorsCheckpoint
     monkeypatch.setattr(SafetensorsCheckpoint, "read", lambda self, n: pytest.fail(f"read {n}"))
     msg = _err(load_weights, d, spec)
     assert msg.count(";") >= 3 and "4 problems:" in msg
@@ -398,7 +398,7 @@ def test_orbax_round_trip(tmp_path, dtype):
 
 
 def test_orbax_reads_in_batches(tmp_path, spec, monkeypatch):
-    import runtime.weights as rw
+    import runtime.checkpoints as rw
 
     params = random_weights(spec, 1)
     save_orbax(params, tmp_path / "o")

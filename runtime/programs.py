@@ -1,0 +1,136 @@
+"""An artifact's functions compiled per concrete shape, ahead of use in worker threads.
+
+Each function is a jax.export module with symbolic dimensions (the manifest names them, e.g.
+`b`, `t`); it is compiled once per set of dimension values (a bucket). `Programs` compiles on
+first use, or earlier through `prepare`, in worker threads, so that XLA's work (deserializing
+the module, shape refinement, compiling or loading from the persistent cache) overlaps with
+reading the weights. The shapes a process used are remembered next to the compile cache
+(`compile_cache.remember_shapes`); the next process that loads the same artifact prepares
+them while it loads: that is the warm start.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import jax
+import jax.numpy as jnp
+
+from runtime import compile_cache
+from runtime.errors import ArtifactError
+from runtime.manifest import FunctionSpec
+
+Dims = tuple[tuple[str, int], ...]  # sorted (symbol, value) pairs: one compiled program each
+
+
+def solve_dims(spec: FunctionSpec, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int]:
+    """Values of the symbolic dimensions from the concrete shapes of some named inputs."""
+    dims: dict[str, int] = {}
+    by_name = {t.name: t for t in spec.inputs}
+    for name, shape in shapes.items():
+        declared = by_name[name].shape
+        if len(declared) != len(shape):
+            raise ArtifactError(f"input {name} has rank {len(declared)} in the manifest, got shape {tuple(shape)}")
+        for d, n in zip(declared, shape):
+            if isinstance(d, str):
+                dims[d] = int(n)
+    return dims
+
+
+class Programs:
+    """Compiled executables of an artifact's functions, keyed by (function, dimension values)."""
+
+    def __init__(self, functions: Mapping[str, FunctionSpec], load_exported: Callable[[str], object],
+                 hints_key: str | None = None, workers: int = 1):
+        """load_exported(name) -> jax.export.Exported (raising ArtifactError when corrupt);
+        hints_key: where this artifact's used shapes are remembered (None: nowhere)."""
+        self._specs = dict(functions)
+        self._load_exported = load_exported
+        self._hints_key = hints_key
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="mamba2-aot-compile")
+        self._lock = threading.RLock()
+        self._exported: dict[str, Future] = {}
+        self._compiled: dict[tuple[str, Dims], Future] = {}
+        self._used: list[tuple[str, Dims]] = []
+
+    def close(self) -> None:
+        """Drop background work not yet started (a failed load)."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- modules -----------------------------------------------------------------------------
+    def start(self, names) -> None:
+        """Deserialize these functions' modules in the background."""
+        with self._lock:
+            for name in names:
+                if name not in self._exported:
+                    self._exported[name] = self._pool.submit(self._load_exported, name)
+
+    def exported(self, name: str):
+        self.start([name])
+        return self._exported[name].result()  # re-raises the loader's ArtifactError
+
+    # -- compiled programs --------------------------------------------------------------------
+    def prepare(self, name: str, dims: Mapping[str, int]) -> None:
+        """Compile `name` for these dimension values in the background (no-op if already there)."""
+        key = (name, _key(dims))
+        with self._lock:
+            if key in self._compiled:
+                return
+            self.start([name])
+            self._compiled[key] = self._pool.submit(self._compile, name, dict(dims))
+
+    def prepare_remembered(self) -> None:
+        """Prepare the shapes the previous process with this artifact used (the warm start)."""
+        if self._hints_key is None:
+            return
+        order = list(self._specs)  # the manifest's order: prefill, the first call, before decode
+        entries = [(e.get("function"), e.get("dims")) for e in compile_cache.remembered_shapes(self._hints_key)]
+        entries = [(n, d) for n, d in entries if n in self._specs and isinstance(d, dict) and self._valid(n, d)]
+        for name, dims in sorted(entries, key=lambda e: order.index(e[0])):
+            self.prepare(name, dims)
+
+    def get(self, name: str, dims: Mapping[str, int]):
+        """The compiled program (waiting for a background compile, or compiling here)."""
+        key = (name, _key(dims))
+        with self._lock:
+            fut = self._compiled.get(key)
+            mine = fut is None
+            if mine:
+                fut = self._compiled[key] = Future()
+            if key not in self._used:
+                self._used.insert(0, key)
+                self._remember()
+        if mine:
+            try:
+                fut.set_result(self._compile(name, dict(dims)))
+            except BaseException as e:
+                fut.set_exception(e)
+                with self._lock:
+                    del self._compiled[key]  # a later call tries again
+                raise
+        return fut.result()
+
+    def _compile(self, name: str, dims: dict[str, int]):
+        exported = self.exported(name)
+        leaves = [jax.ShapeDtypeStruct(tuple(dims[d] if isinstance(d, str) else d for d in t.shape),
+                                       jnp.dtype(t.dtype)) for t in self._specs[name].inputs]
+        if len(leaves) != len(exported.in_avals):
+            raise ArtifactError(f"function {name}: the manifest lists {len(leaves)} inputs but the module "
+                                f"takes {len(exported.in_avals)}: re-export the artifact")
+        args, kwargs = jax.tree.unflatten(exported.in_tree, leaves)
+        return jax.jit(exported.call).lower(*args, **kwargs).compile()
+
+    def _valid(self, name: str, dims: dict) -> bool:
+        symbols = {d for t in self._specs[name].inputs for d in t.shape if isinstance(d, str)}
+        return set(dims) == symbols and all(isinstance(v, int) and 0 < v <= 1 << 20 for v in dims.values())
+
+    def _remember(self) -> None:
+        if self._hints_key is not None:
+            compile_cache.remember_shapes(
+                self._hints_key, [{"function": n, "dims": dict(d)} for n, d in self._used])
+
+
+def _key(dims: Mapping[str, int]) -> Dims:
+    return tuple(sorted((str(k), int(v)) for k, v in dims.items()))

@@ -1,0 +1,142 @@
+"""Start-up path: weights copied once into aligned buffers the CPU device adopts, and programs
+compiled ahead of use (`prepare`, and the shapes the previous process used)."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import ml_dtypes
+import numpy as np
+import pytest
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+import runtime
+from fixtures_artifacts import PROMPTS, aot_cache_env, tiny  # noqa: F401
+from runtime import compile_cache
+from runtime.checkpoints import open_checkpoint
+from runtime.errors import RequestError, WeightsError
+from runtime.programs import Programs
+from runtime.weights import host_buffer, to_device
+
+
+def _pointer(arr: np.ndarray) -> int:
+    return arr.__array_interface__["data"][0]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.dtype(ml_dtypes.bfloat16), np.int8])
+@pytest.mark.parametrize("shape", [(), (1,), (3, 5), (7, 1, 3)])
+def test_host_buffer_is_aligned_and_adopted_without_a_copy(shape, dtype):
+    buf = host_buffer(shape, dtype)
+    assert buf.shape == shape and buf.dtype == np.dtype(dtype)
+    assert _pointer(buf) % 64 == 0
+    buf[...] = np.arange(buf.size).reshape(shape).astype(dtype)
+    on_device = to_device({"w": buf})["w"]
+    np.testing.assert_array_equal(np.asarray(on_device), buf)
+    if jax.default_backend() == "cpu" and buf.size:
+        assert on_device.unsafe_buffer_pointer() == _pointer(buf)  # adopted, not copied
+
+
+def test_safetensors_reads_are_views_of_the_file_equal_to_safe_open(tmp_path):
+    rng = np.random.default_rng(0)
+    tensors = {  # odd sizes: data offsets are not aligned to anything
+        "a": rng.standard_normal((3, 5)).astype(np.float32),
+        "b": rng.standard_normal((7,)).astype(ml_dtypes.bfloat16),
+        "c": rng.standard_normal((2, 3, 1)).astype(np.float16),
+        "empty": np.zeros((0, 4), np.float32),
+        "d": rng.standard_normal((11,)).astype(np.float64),
+    }
+    path = tmp_path / "t.safetensors"
+    save_file(tensors, str(path))
+    with open_checkpoint(path) as ckpt, safe_open(str(path), framework="numpy") as ref:
+        for name, want in tensors.items():
+            got = ckpt.read(name)
+            assert got.dtype == want.dtype and got.shape == want.shape
+            np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))
+            np.testing.assert_array_equal(got.view(np.uint8), ref.get_tensor(name).view(np.uint8))
+            assert not got.flags.writeable  # a read-only map of the file
+
+
+def test_safetensors_with_inconsistent_offsets_is_refused(tmp_path):
+    path = tmp_path / "t.safetensors"
+    save_file({"a": np.ones((4,), np.float32), "b": np.ones((2,), np.float32)}, str(path))
+    with open_checkpoint(path) as ckpt:
+        mapped, start, offsets = ckpt._mapped(path)  # the offsets as validated by safe_open...
+        np.testing.assert_array_equal(ckpt.read("a"), np.ones((4,), np.float32))
+        ckpt._maps[path] = (mapped, start, {**offsets, "a": (0, 12)})  # ...then one off by a float
+        with pytest.raises(WeightsError, match="does not fit its dtype and shape"):
+            ckpt.read("a")
+
+
+def test_loaded_weights_sit_in_aligned_buffers(tiny):
+    from runtime.weights import load_weights
+
+    arrays = load_weights(tiny.weights, runtime.load(tiny.path, tiny.weights).manifest.weights)
+    assert all(_pointer(a) % 64 == 0 for a in arrays.values())
+    for name, a in arrays.items():
+        np.testing.assert_array_equal(a, np.asarray(tiny.params[name]))
+
+
+# ------------------------------------------------------------------ programs
+
+
+def _submitted(model) -> set:
+    return {(name, dict(dims)["b"], dict(dims).get("t")) for name, dims in model._programs._compiled}
+
+
+def test_next_process_prepares_the_shapes_this_one_used(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv(compile_cache.ENV_VAR, str(tmp_path / "cache"))
+    first = runtime.load(tiny.path, tiny.weights)
+    assert _submitted(first) == set()  # nothing remembered yet: nothing compiled before use
+    want = first.generate(PROMPTS[:2], 6)  # batch bucket 2, prompt bucket 16
+    shapes_dir = tmp_path / "cache" / "shapes"
+    (hints,) = list(shapes_dir.glob("*.json"))
+    assert {(e["function"], e["dims"].get("b"), e["dims"].get("t")) for e in json.loads(hints.read_text())} == {
+        ("prefill", 2, 16), ("decode", 2, None)}
+
+    second = runtime.load(tiny.path, tiny.weights)  # as a new process would: same cache directory
+    assert _submitted(second) == {("prefill", 2, 16), ("decode", 2, None)}  # started during load
+    assert second.generate(PROMPTS[:2], 6) == want
+
+    hints.write_text("{not json")  # a damaged record is ignored, then rewritten by use
+    third = runtime.load(tiny.path, tiny.weights)
+    assert _submitted(third) == set()
+    assert third.generate(PROMPTS[:1], 3) == [want[0][:3]]
+    assert json.loads(hints.read_text()) == [  # most recent first
+        {"function": "decode", "dims": {"b": 1}}, {"function": "prefill", "dims": {"b": 1, "t": 16}}]
+
+
+def test_prepare_compiles_ahead_and_changes_nothing(tiny):
+    model = runtime.load(tiny.path, tiny.weights, prepare=[(3, 20)], use_compile_cache=False)
+    assert _submitted(model) == {("prefill", 4, 32), ("decode", 4, None)}  # bucketed
+    for fut in model._programs._compiled.values():
+        fut.result(timeout=120)
+    assert model.generate(PROMPTS, 5) == tiny.model.generate(PROMPTS, 5)
+    model.prepare(1, 1)
+    assert ("prefill", 1, 16) in _submitted(model)
+
+
+@pytest.mark.parametrize("size", [(0, 4), (1, 0), (9, 4), (1, 65), (1.5, 4), (True, 4)])
+def test_prepare_refuses_sizes_outside_the_limits(tiny, size):
+    with pytest.raises(RequestError, match="prepare: "):
+        tiny.model.prepare(*size)
+    with pytest.raises(RequestError, match="prepare: "):
+        runtime.load(tiny.path, tiny.weights, prepare=[size])
+
+
+def test_a_failed_compile_is_raised_to_the_caller_and_retried(tiny, monkeypatch):
+    model = runtime.load(tiny.path, tiny.weights, use_compile_cache=False)
+    real = Programs._compile
+    calls = []
+
+    def flaky(self, name, dims):
+        calls.append(name)
+        if len(calls) == 1:
+            raise RuntimeError("compiler fell over")
+        return real(self, name, dims)
+
+    monkeypatch.setattr(Programs, "_compile", flaky)
+    with pytest.raises(RuntimeError, match="compiler fell over"):
+        model.generate(PROMPTS[:1], 2)
+    assert model.generate(PROMPTS[:1], 2) == tiny.model.generate(PROMPTS[:1], 2)
