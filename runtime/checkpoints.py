@@ -109,7 +109,7 @@ def _open_safetensors(file: Path):
 
 
 class SafetensorsCheckpoint(Checkpoint):
-    """One or more safetensors files (HF sharding) read lazily through `safe_open`."""
+    """One or more safetensors files (HF sharding): headers checked by `safe_open`, data memory-mapped."""
 
     def __init__(self, path: Path, files: Mapping[str, Path] | list[Path], config: dict | None):
         self.path = path

@@ -30,6 +30,8 @@ def solve_dims(spec: FunctionSpec, shapes: Mapping[str, tuple[int, ...]]) -> dic
     dims: dict[str, int] = {}
     by_name = {t.name: t for t in spec.inputs}
     for name, shape in shapes.items():
+        if name not in by_name:
+            raise ArtifactError(f"the manifest's function has no input {name!r}: re-export the artifact")
         declared = by_name[name].shape
         if len(declared) != len(shape):
             raise ArtifactError(f"input {name} has rank {len(declared)} in the manifest, got shape {tuple(shape)}")
