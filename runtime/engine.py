@@ -100,11 +100,12 @@ class LoadedModel:
             self.weights_source = str(weights)
         if self._programs is not None:
             for name in _FUNCTIONS:
-                self._programs.exported(name)  # a corrupt module fails the load, not the first call
+                self._checked(name, self._programs.exported(name))
             self._fns = {}
             self.params = to_device(arrays, consume=True)
         else:
-            self._fns = {name: self.placement.jit(self._deserialize(name)) for name in _FUNCTIONS}
+            self._fns = {name: self.placement.jit(self._checked(name, self._deserialize(name)))
+                         for name in _FUNCTIONS}
             self.params = self.placement.place(arrays)
 
     @property
@@ -120,19 +121,23 @@ class LoadedModel:
         return self.manifest.tokens.eos_id
 
     def _deserialize(self, name: str):
-        """The function's jax.export module, parsed now: a corrupt module fails here."""
+        """The function's jax.export module (its StableHLO is parsed by `_checked`)."""
         if name not in self.manifest.functions:
             raise ArtifactError(f"artifact has no function {name!r}: re-export it")
         rel = self.manifest.functions[name].files[self.platform]
         try:
             exported = jax.export.deserialize(bytearray(safe_member(self.path, rel).read_bytes()))
-            _parse_stablehlo(exported, rel)  # jax defers this to the first call: fail at load instead
         except ArtifactError:
             raise
         except Exception as e:  # a corrupt module that still matched its digest
             detail = " ".join(str(e).split())[:300]
             raise ArtifactError(f"cannot deserialize {rel} ({type(e).__name__}: {detail}): "
                                 "re-export or re-copy the artifact") from None
+        return exported
+
+    def _checked(self, name: str, exported):
+        """Parse the StableHLO now (jax defers it to the first call): a corrupt module fails the load."""
+        _parse_stablehlo(exported, self.manifest.functions[name].files[self.platform])
         return exported
 
     def _buckets_for(self, batch: int, prompt_tokens: int) -> tuple[int, int]:
@@ -214,27 +219,33 @@ class LoadedModel:
 def _parse_stablehlo(exported, rel: str) -> None:
     """Parse the module's StableHLO bytecode now, so that a corrupt module fails at load time.
 
-    MLIR's diagnostics go to a handler (never to the terminal; this may run in a worker thread
-    while the main thread prints) and into the raised exception's message.
+    MLIR prints its parse diagnostics straight to file descriptor 2; they are captured and put
+    into the raised exception's message instead of leaking onto the user's terminal. Runs on
+    the main thread only (fd 2 is process-wide).
     """
+    import os
+    import sys
+    import tempfile
+
     from jax.interpreters import mlir
 
-    diagnostics: list[str] = []
-
-    def collect(diagnostic) -> bool:
-        diagnostics.append(str(diagnostic.message))
-        return True  # handled: MLIR prints nothing
-
-    try:
-        with mlir.make_ir_context() as context:
-            handler = context.attach_diagnostic_handler(collect)
-            try:
+    with tempfile.TemporaryFile() as captured:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(captured.fileno(), 2)
+        try:
+            with mlir.make_ir_context():
                 exported.mlir_module(serialized=False)
-            finally:
-                handler.detach()
-        return
-    except Exception as e:  # noqa: BLE001 - re-raised below with MLIR's own diagnostic
-        error = e
+            return
+        except Exception as e:  # noqa: BLE001 - re-raised below with MLIR's own diagnostic
+            error = e
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        captured.seek(0)
+        diagnostics = [line.split("error:", 1)[1].strip()
+                       for line in captured.read(1 << 16).decode("utf-8", "replace").splitlines()
+                       if "error:" in line]
     detail = " ".join(f"{error}".split())[:200] + (f"; {diagnostics[0][:200]}" if diagnostics else "")
     raise ArtifactError(f"cannot deserialize {rel} ({type(error).__name__}: {detail}): "
                         "re-export or re-copy the artifact")
