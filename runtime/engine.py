@@ -65,18 +65,20 @@ class LoadedModel:
             key = compile_cache.artifact_key(
                 {rel: self.manifest.files[rel].sha256 for rel in files.values()}, self.platform)
             self._programs = Programs(self.manifest.functions, self._deserialize, key if cached else None)
-        prepare = list(prepare)
+        buckets = []
         for size in prepare:  # checked now: a bad size fails before any work
             if not isinstance(size, (tuple, list)) or len(size) != 2:
                 raise RequestError(f"prepare: each entry must be (batch, prompt_tokens), got {size!r}")
-            self._buckets_for(*size)
+            buckets.append(self._buckets_for(*size))
 
         def compile_meanwhile():
-            """Once the weights are known to fit: compile while their data is read."""
+            """Once the weights are known to fit: modules parsed here (a corrupt one fails the
+            load), then compiled in the worker while the weights' data is read."""
             if self._programs is not None:
-                self._programs.start(_FUNCTIONS)
-                for batch, prompt_tokens in prepare:
-                    self.prepare(batch, prompt_tokens)
+                for name in _FUNCTIONS:
+                    self._programs.exported(name)
+                for B, T in buckets:
+                    self._prepare_buckets(B, T)
                 self._programs.prepare_remembered()
 
         try:
@@ -98,14 +100,11 @@ class LoadedModel:
         else:
             arrays = load_weights(weights, spec, on_checked=compile_meanwhile)
             self.weights_source = str(weights)
-        if self._programs is not None:
-            for name in _FUNCTIONS:
-                self._checked(name, self._programs.exported(name))
+        if self._programs is not None:  # compile_meanwhile has run: both modules are checked
             self._fns = {}
             self.params = to_device(arrays, consume=True)
         else:
-            self._fns = {name: self.placement.jit(self._checked(name, self._deserialize(name)))
-                         for name in _FUNCTIONS}
+            self._fns = {name: self.placement.jit(self._deserialize(name)) for name in _FUNCTIONS}
             self.params = self.placement.place(arrays)
 
     @property
@@ -121,23 +120,20 @@ class LoadedModel:
         return self.manifest.tokens.eos_id
 
     def _deserialize(self, name: str):
-        """The function's jax.export module (its StableHLO is parsed by `_checked`)."""
+        """The function's jax.export module, parsed now: a corrupt module fails here, on the
+        calling thread (the parse captures fd 2, so never in the compile worker)."""
         if name not in self.manifest.functions:
             raise ArtifactError(f"artifact has no function {name!r}: re-export it")
         rel = self.manifest.functions[name].files[self.platform]
         try:
             exported = jax.export.deserialize(bytearray(safe_member(self.path, rel).read_bytes()))
+            _parse_stablehlo(exported, rel)  # jax defers this to the first call: fail at load instead
         except ArtifactError:
             raise
         except Exception as e:  # a corrupt module that still matched its digest
             detail = " ".join(str(e).split())[:300]
             raise ArtifactError(f"cannot deserialize {rel} ({type(e).__name__}: {detail}): "
                                 "re-export or re-copy the artifact") from None
-        return exported
-
-    def _checked(self, name: str, exported):
-        """Parse the StableHLO now (jax defers it to the first call): a corrupt module fails the load."""
-        _parse_stablehlo(exported, self.manifest.functions[name].files[self.platform])
         return exported
 
     def _buckets_for(self, batch: int, prompt_tokens: int) -> tuple[int, int]:
@@ -151,7 +147,9 @@ class LoadedModel:
     def prepare(self, batch: int = 1, prompt_tokens: int = 1) -> None:
         """Compile prefill and decode for requests of this size in the background (returns at once);
         the first such request then finds them ready. No-op for multi-device artifacts."""
-        B, T = self._buckets_for(batch, prompt_tokens)
+        self._prepare_buckets(*self._buckets_for(batch, prompt_tokens))
+
+    def _prepare_buckets(self, B: int, T: int) -> None:
         if self._programs is not None:
             fns = self.manifest.functions
             self._programs.prepare("prefill", solve_dims(fns["prefill"], {"tokens": (B, T)}))

@@ -62,26 +62,19 @@ class Programs:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     # -- modules -----------------------------------------------------------------------------
-    def start(self, names) -> None:
-        """Deserialize these functions' modules in the background."""
-        with self._lock:
-            for name in names:
-                if name not in self._exported:
-                    self._exported[name] = self._pool.submit(self._load_exported, name)
-
     def exported(self, name: str):
-        self.start([name])
-        return self._exported[name].result()  # re-raises the loader's ArtifactError
+        """The function's module, loaded (and checked) on the calling thread the first time: the
+        worker only ever compiles modules that have passed, and never runs the loader itself."""
+        return self._once(self._exported, name, lambda: self._load_exported(name), retry=False)
 
     # -- compiled programs --------------------------------------------------------------------
     def prepare(self, name: str, dims: Mapping[str, int]) -> None:
         """Compile `name` for these dimension values in the background (no-op if already there)."""
         key = (name, _key(dims))
+        self.exported(name)  # here, before the worker compiles it
         with self._lock:
-            if key in self._compiled:
-                return
-            self.start([name])
-            self._compiled[key] = self._pool.submit(self._compile, name, dict(dims))
+            if key not in self._compiled:
+                self._compiled[key] = self._pool.submit(self._compile, name, dict(dims))
 
     def prepare_remembered(self) -> None:
         """Prepare the shapes the previous process with this artifact used (the warm start)."""
@@ -97,20 +90,27 @@ class Programs:
         """The compiled program (waiting for a background compile, or compiling here)."""
         key = (name, _key(dims))
         with self._lock:
-            fut = self._compiled.get(key)
-            mine = fut is None
-            if mine:
-                fut = self._compiled[key] = Future()
             if key not in self._used:
                 self._used.insert(0, key)
                 self._remember()
+        return self._once(self._compiled, key, lambda: self._compile(name, dict(dims)), retry=True)
+
+    def _once(self, table: dict, key, make: Callable, retry: bool):
+        """table[key]'s result: made here by the first caller, awaited by the others (a background
+        job may already own it). retry=True forgets a failure so that a later call tries again."""
+        with self._lock:
+            fut = table.get(key)
+            mine = fut is None
+            if mine:
+                fut = table[key] = Future()
         if mine:
             try:
-                fut.set_result(self._compile(name, dict(dims)))
+                fut.set_result(make())
             except BaseException as e:
                 fut.set_exception(e)
-                with self._lock:
-                    del self._compiled[key]  # a later call tries again
+                if retry:
+                    with self._lock:
+                        del table[key]
                 raise
         return fut.result()
 

@@ -72,7 +72,7 @@ def test_safetensors_with_inconsistent_offsets_is_refused(tmp_path):
 def test_loaded_weights_sit_in_aligned_buffers(tiny):
     from runtime.weights import load_weights
 
-    arrays = load_weights(tiny.weights, runtime.load(tiny.path, tiny.weights).manifest.weights)
+    arrays = load_weights(tiny.weights, tiny.model.manifest.weights)
     assert all(_pointer(a) % 64 == 0 for a in arrays.values())
     for name, a in arrays.items():
         np.testing.assert_array_equal(a, np.asarray(tiny.params[name]))
