@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 import jax
 import jax.numpy as jnp
 
+from exporter.flatten import flatten_exported
 from exporter.functions import ARG_NAMES, ModelFunctions
 
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
@@ -44,7 +45,8 @@ def export_one(fns: ModelFunctions, name: str, platform: str) -> jax.export.Expo
         ins, outs = function_shardings(plan(fns.cfg, fns.devices, fns.dtype), name)
         return jax.export.export(jax.jit(fn, in_shardings=ins, out_shardings=outs),
                                  platforms=(platform,))(*args)
-    return jax.export.export(jax.jit(fn), platforms=(platform,))(*args)
+    # One device: the module is flattened (start-up cost of shape refinement, exporter.flatten).
+    return flatten_exported(jax.export.export(jax.jit(fn), platforms=(platform,))(*args))
 
 
 def export_all(fns: ModelFunctions, platforms) -> Iterator[tuple[str, str, jax.export.Exported, bytes, float]]:

@@ -53,12 +53,13 @@ class Checkpoint:
 
     path: Path
     config: dict | None = None
+    _meta: dict[str, tuple]  # name -> (shape, the format's own dtype), from metadata alone
 
     def names(self) -> list[str]:
         raise NotImplementedError
 
     def shape(self, name: str) -> tuple[int, ...]:
-        raise NotImplementedError
+        return self._entry(name)[0]
 
     def dtype(self, name: str) -> np.dtype | None:
         """The tensor's numpy dtype, or None for a dtype numpy cannot represent."""
@@ -89,6 +90,11 @@ class Checkpoint:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def _entry(self, name: str) -> tuple:
+        if name not in self._meta:
+            raise self._unknown(name)
+        return self._meta[name]
 
     def _unknown(self, name: str) -> WeightsError:
         return WeightsError(f"checkpoint {self.path} has no tensor {name!r} "
@@ -159,15 +165,8 @@ class SafetensorsCheckpoint(Checkpoint):
     def __contains__(self, name: str) -> bool:
         return name in self._where
 
-    def shape(self, name: str) -> tuple[int, ...]:
-        if name not in self._meta:
-            raise self._unknown(name)
-        return self._meta[name][0]
-
     def dtype(self, name: str) -> np.dtype | None:
-        if name not in self._meta:
-            raise self._unknown(name)
-        return _st_dtype(self._meta[name][1])
+        return _st_dtype(self._entry(name)[1])
 
     def dtype_name(self, name: str) -> str:
         dt = self.dtype(name)
@@ -256,15 +255,8 @@ class OrbaxCheckpoint(Checkpoint):
     def __contains__(self, name: str) -> bool:
         return name in self._keys
 
-    def shape(self, name: str) -> tuple[int, ...]:
-        if name not in self._meta:
-            raise self._unknown(name)
-        return self._meta[name][0]
-
     def dtype(self, name: str) -> np.dtype:
-        if name not in self._meta:
-            raise self._unknown(name)
-        return self._meta[name][1]
+        return self._entry(name)[1]
 
     def _restore(self, names: list[str]) -> dict[str, np.ndarray]:
         import jax

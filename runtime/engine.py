@@ -15,6 +15,7 @@ the previous process used) compile in a worker thread while the weights load.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from runtime.programs import Programs, solve_dims
 from runtime.requests import (SamplingParams, bucket, check_new_tokens, check_prompts, check_stop_ids,
                               pad_batch)
 from runtime.rng import row_keys
+from runtime.startup import gc_paused
 from runtime.weights import load_weights, parse_weight_spec, random_weights, to_device
 
 
@@ -53,7 +55,10 @@ class LoadedModel:
         self.path = Path(artifact_dir)
         self.manifest: Manifest = read_manifest(self.path)
         self.platform = current_platform()
-        check_compatibility(self.manifest, self.platform)  # jax window, calling convention, platform
+        # jax window, calling convention, platform (raises); past its expiry date: a warning
+        self.warnings: list[str] = check_compatibility(self.manifest, self.platform)
+        for message in self.warnings:
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
         files = {name: fn.files[self.platform] for name, fn in self.manifest.functions.items()}
         verify_files(self.path, self.manifest, list(files.values()))
         spec = parse_weight_spec(self.manifest.weights)
@@ -256,4 +261,5 @@ def load(artifact_dir, weights: str | Path | None = None, seed: int = 0, **kw) -
     prepare=[(batch, prompt_tokens), ...] compiles for those request sizes while the weights
     load; the sizes the previous process used with this artifact are prepared anyway (when
     the compile cache is on)."""
-    return LoadedModel(artifact_dir, weights, seed, **kw)
+    with gc_paused():
+        return LoadedModel(artifact_dir, weights, seed, **kw)

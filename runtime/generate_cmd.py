@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import click
@@ -75,7 +76,11 @@ def generate_command(artifact, weights, texts, id_lists, max_new_tokens, tempera
     prompts = [tokenizer.encode(t).ids for t in texts] if texts else _ids(id_lists)
     _check_request(artifact, prompts, max_new_tokens, temperature, top_k, top_p, min_p)
     # Compiles for this request's size while the weights load.
-    model = load(artifact, weights, seed=seed, prepare=[(len(prompts), max(map(len, prompts)))])
+    with warnings.catch_warnings():  # the expiry warning is shown below as one `warning:` line
+        warnings.filterwarnings("ignore", "artifact passed its compatibility date", RuntimeWarning)
+        model = load(artifact, weights, seed=seed, prepare=[(len(prompts), max(map(len, prompts)))])
+    for message in model.warnings:
+        click.echo(f"warning: {message}", err=True)
     if weights is None:
         click.echo(f"note: no --weights given: using {model.weights_source}; outputs are meaningless",
                    err=True)

@@ -1,19 +1,20 @@
-"""An artifact's functions compiled per concrete shape, ahead of use in worker threads.
+"""An artifact's functions compiled per concrete shape, ahead of use in a worker thread.
 
 Each function is a jax.export module with symbolic dimensions (the manifest names them, e.g.
 `b`, `t`); it is compiled once per set of dimension values (a bucket). `Programs` compiles on
-first use, or earlier through `prepare`, in worker threads, so that XLA's work (deserializing
-the module, shape refinement, compiling or loading from the persistent cache) overlaps with
-reading the weights. The shapes a process used are remembered next to the compile cache
+first use, or earlier through `prepare`, in a worker thread, so that XLA's work (lowering,
+shape refinement, compiling or loading from the persistent cache) overlaps with reading the
+weights. The shapes a process used are remembered next to the compile cache
 (`compile_cache.remember_shapes`); the next process that loads the same artifact prepares
 them while it loads: that is the warm start.
 """
 
 from __future__ import annotations
 
+import collections
 import threading
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 
 import jax
 import jax.numpy as jnp
@@ -42,30 +43,52 @@ def solve_dims(spec: FunctionSpec, shapes: Mapping[str, tuple[int, ...]]) -> dic
 
 
 class Programs:
-    """Compiled executables of an artifact's functions, keyed by (function, dimension values)."""
+    """Compiled executables of an artifact's functions, keyed by (function, dimension values).
+
+    One worker thread compiles what `prepare` queued, in order. A caller that needs a program
+    that is not ready does not sit idle: it compiles that program itself if it is still
+    queued, else the next queued one, and only then waits for the worker (on a 2-core machine
+    the first prefill call compiles decode while the worker finishes prefill).
+    """
 
     def __init__(self, functions: Mapping[str, FunctionSpec], load_exported: Callable[[str], object],
-                 hints_key: str | None = None, workers: int = 1):
+                 hints_key: str | None = None):
         """load_exported(name) -> jax.export.Exported (raising ArtifactError when corrupt);
         hints_key: where this artifact's used shapes are remembered (None: nowhere)."""
         self._specs = dict(functions)
         self._load_exported = load_exported
         self._hints_key = hints_key
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="mamba2-aot-compile")
         self._lock = threading.RLock()
+        self._pending: collections.deque[tuple[str, Dims]] = collections.deque()  # not started yet
+        self._worker: threading.Thread | None = None  # alive while anything is queued
+        self._closed = False
         self._exported: dict[str, Future] = {}
         self._compiled: dict[tuple[str, Dims], Future] = {}
         self._used: list[tuple[str, Dims]] = []
 
     def close(self) -> None:
-        """Drop background work not yet started (a failed load)."""
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Drop queued work (a failed load); a compile already running finishes on its own."""
+        with self._lock:
+            self._closed = True
+            while self._pending:
+                self._compiled.pop(self._pending.popleft()).cancel()
 
     # -- modules -----------------------------------------------------------------------------
     def exported(self, name: str):
         """The function's module, loaded (and checked) on the calling thread the first time: the
         worker only ever compiles modules that have passed, and never runs the loader itself."""
-        return self._once(self._exported, name, lambda: self._load_exported(name), retry=False)
+        with self._lock:
+            fut = self._exported.get(name)
+            mine = fut is None
+            if mine:
+                fut = self._exported[name] = Future()
+        if mine:
+            try:
+                fut.set_result(self._load_exported(name))
+            except BaseException as e:
+                fut.set_exception(e)
+                raise
+        return fut.result()
 
     # -- compiled programs --------------------------------------------------------------------
     def prepare(self, name: str, dims: Mapping[str, int]) -> None:
@@ -73,8 +96,13 @@ class Programs:
         key = (name, _key(dims))
         self.exported(name)  # here, before the worker compiles it
         with self._lock:
-            if key not in self._compiled:
-                self._compiled[key] = self._pool.submit(self._compile, name, dict(dims))
+            if key in self._compiled or self._closed:
+                return
+            self._compiled[key] = Future()
+            self._pending.append(key)
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._work, name="mamba2-aot-compile")
+                self._worker.start()
 
     def prepare_remembered(self) -> None:
         """Prepare the shapes the previous process with this artifact used (the warm start)."""
@@ -87,32 +115,50 @@ class Programs:
             self.prepare(name, dims)
 
     def get(self, name: str, dims: Mapping[str, int]):
-        """The compiled program (waiting for a background compile, or compiling here)."""
+        """The compiled program: ready, or compiled here (helping with queued work while the
+        worker finishes it). A failed compile raises here; the next call tries again."""
         key = (name, _key(dims))
         with self._lock:
             if key not in self._used:
                 self._used.insert(0, key)
                 self._remember()
-        return self._once(self._compiled, key, lambda: self._compile(name, dict(dims)), retry=True)
-
-    def _once(self, table: dict, key, make: Callable, retry: bool):
-        """table[key]'s result: made here by the first caller, awaited by the others (a background
-        job may already own it). retry=True forgets a failure so that a later call tries again."""
-        with self._lock:
-            fut = table.get(key)
-            mine = fut is None
-            if mine:
-                fut = table[key] = Future()
-        if mine:
-            try:
-                fut.set_result(make())
-            except BaseException as e:
-                fut.set_exception(e)
-                if retry:
-                    with self._lock:
-                        del table[key]
-                raise
+            fut = self._compiled.get(key)
+            if fut is None:  # never prepared: queued first, and taken by this thread just below
+                fut = self._compiled[key] = Future()
+                self._pending.appendleft(key)
+        while not fut.done():
+            with self._lock:
+                job = key if key in self._pending else self._pending[0] if self._pending else None
+                if job is not None:
+                    self._pending.remove(job)
+            if job is None:
+                break  # the worker has it: wait
+            self._run(job)
         return fut.result()
+
+    def _work(self) -> None:
+        """The worker: compiles queued jobs in order, and ends when none are left."""
+        while True:
+            with self._lock:
+                if not self._pending or self._closed:
+                    self._worker = None
+                    return
+                key = self._pending.popleft()
+            self._run(key)
+
+    def _run(self, key: tuple[str, Dims]) -> None:
+        """Compile one taken job into its future; a failure is forgotten so that it is retried."""
+        with self._lock:
+            fut = self._compiled[key]
+        if not fut.set_running_or_notify_cancel():
+            return
+        try:
+            fut.set_result(self._compile(key[0], dict(key[1])))
+        except BaseException as e:  # noqa: BLE001 - handed to whoever waits on the future
+            fut.set_exception(e)
+            with self._lock:
+                if self._compiled.get(key) is fut:
+                    del self._compiled[key]
 
     def _compile(self, name: str, dims: dict[str, int]):
         exported = self.exported(name)

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+import runtime
 import runtime.cli
 from test_errors_api import (  # noqa: F401  (fixtures are used by name)
     ARTIFACT_CASES,
@@ -62,6 +64,23 @@ def test_artifact_cases(name, capfd, tmp_path, tmp_path_factory):
     code, out, err = cli(capfd, "generate", art, *PROMPT)
     error_line(code, err, *ARTIFACT_CASES[name].needles)
     assert out == ""
+
+
+def test_an_expired_artifact_still_runs_with_one_warning_line(capfd, tmp_path, tmp_path_factory):
+    art = tmp_path / "art"
+    shutil.copytree(exported_artifact(tmp_path_factory), art)
+    manifest = json.loads((art / "manifest.json").read_text())
+    manifest["compatibility"]["expires"] = "2020-01-01"  # still inside the jax version window
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    code, out, err = cli(capfd, "generate", art, *PROMPT, "--json")
+    assert code == 0 and len(json.loads(out)["tokens"][0]) == 4
+    warnings = [ln for ln in err.splitlines() if ln.startswith("warning:")]
+    assert warnings == ["warning: artifact passed its compatibility date 2020-01-01: jax may stop loading "
+                        "it; re-export it with the current mamba2-aot"], err
+    assert "Traceback" not in err and "RuntimeWarning" not in err
+    with pytest.warns(RuntimeWarning, match="passed its compatibility date 2020-01-01"):
+        model = runtime.load(art)
+    assert model.warnings and "2020-01-01" in model.warnings[0]
 
 
 # ---------------------------------------------------------------- weights

@@ -4,6 +4,7 @@ compiled ahead of use (`prepare`, and the shapes the previous process used)."""
 from __future__ import annotations
 
 import json
+import threading
 
 import jax
 import ml_dtypes
@@ -17,6 +18,7 @@ from fixtures_artifacts import PROMPTS, aot_cache_env, tiny  # noqa: F401
 from runtime import compile_cache
 from runtime.checkpoints import open_checkpoint
 from runtime.errors import RequestError, WeightsError
+from runtime.manifest import read_manifest
 from runtime.programs import Programs
 from runtime.weights import host_buffer, to_device
 
@@ -140,3 +142,27 @@ def test_a_failed_compile_is_raised_to_the_caller_and_retried(tiny, monkeypatch)
     with pytest.raises(RuntimeError, match="compiler fell over"):
         model.generate(PROMPTS[:1], 2)
     assert model.generate(PROMPTS[:1], 2) == tiny.model.generate(PROMPTS[:1], 2)
+
+
+def test_a_caller_compiles_queued_work_itself_while_the_worker_is_busy(tiny, monkeypatch):
+    started, release, where = threading.Event(), threading.Event(), {}
+
+    def fake(self, name, dims):
+        where[name, dims["b"]] = threading.current_thread().name
+        if name == "prefill":
+            started.set()
+            assert release.wait(60)
+        return f"{name}-{dims['b']}"
+
+    monkeypatch.setattr(Programs, "_compile", fake)
+    programs = Programs(read_manifest(tiny.path).functions, lambda name: object())
+    programs.prepare("prefill", {"b": 1, "t": 16})
+    programs.prepare("decode", {"b": 1})
+    programs.prepare("decode", {"b": 2})
+    assert started.wait(60)  # the worker is inside prefill
+    assert programs.get("decode", {"b": 2}) == "decode-2"  # still queued: taken out of turn, here
+    assert where["decode", 2] == threading.current_thread().name
+    release.set()
+    assert programs.get("prefill", {"b": 1, "t": 16}) == "prefill-1"
+    assert programs.get("decode", {"b": 1}) == "decode-1"
+    assert where["prefill", 1] == "mamba2-aot-compile"
