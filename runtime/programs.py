@@ -123,9 +123,11 @@ class Programs:
                 self._used.insert(0, key)
                 self._remember()
             fut = self._compiled.get(key)
-            if fut is None:  # never prepared: queued first, and taken by this thread just below
+            mine = fut is None
+            if mine:  # never prepared: compiled here and now
                 fut = self._compiled[key] = Future()
-                self._pending.appendleft(key)
+        if mine:
+            self._run(key)
         while not fut.done():
             with self._lock:
                 job = key if key in self._pending else self._pending[0] if self._pending else None
