@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from pathlib import Path
 
 import jax
@@ -218,7 +219,9 @@ def test_all_presets_lower_for_tpu_and_cuda(tmp_path):
     t0 = time.perf_counter()
     for name, cfg in PRESETS.items():
         out = tmp_path / name
-        manifest = write_artifact(ModelFunctions(cfg, jnp.bfloat16, Limits()), ["tpu", "cuda"], out, force=False)
+        with warnings.catch_warnings():  # flattening must succeed for every module (exporter.flatten)
+            warnings.simplefilter("error", RuntimeWarning)
+            manifest = write_artifact(ModelFunctions(cfg, jnp.bfloat16, Limits()), ["tpu", "cuda"], out, force=False)
         n_params = count_params(cfg)
         param_bytes = 2 * n_params  # bfloat16
         assert manifest["platforms"] == ["tpu", "cuda"] and manifest["dtype"] == "bfloat16"
