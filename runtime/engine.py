@@ -9,7 +9,8 @@ Bucketing: prompts are right-padded to the smallest prompt bucket (powers of two
 batch to the smallest batch bucket, so a process compiles each function at most
 log2(max/min) + 1 times per axis; every compile lands in the persistent XLA cache.
 Single-device artifacts compile through runtime.programs: sizes given to `prepare` (and those
-the previous process used) compile in a worker thread while the weights load.
+the previous process used) compile in a worker thread while the weights load; a request of a
+new size queues its decode before prefill compiles, so the two compile side by side.
 """
 
 from __future__ import annotations
@@ -199,6 +200,7 @@ class LoadedModel:
         keys = np.zeros((B, 2), np.uint32)
         keys[:n] = row_keys(seed, n)
         finished = np.arange(B) >= n  # padding rows never run
+        self._prepare_buckets(B, tokens.shape[1])  # not compiled yet: decode compiles while prefill does
         logits, state = self.prefill(tokens, lengths)
         done = 0
         while done < max_new_tokens and not finished[:n].all():

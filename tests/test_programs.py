@@ -166,3 +166,17 @@ def test_a_caller_compiles_queued_work_itself_while_the_worker_is_busy(tiny, mon
     assert programs.get("prefill", {"b": 1, "t": 16}) == "prefill-1"
     assert programs.get("decode", {"b": 1}) == "decode-1"
     assert where["prefill", 1] == "mamba2-aot-compile"
+
+
+def test_a_new_request_size_queues_decode_before_prefill_is_compiled(tiny, monkeypatch):
+    model = runtime.load(tiny.path, tiny.weights, use_compile_cache=False)
+    seen = {}
+    real = Programs.get
+
+    def spy(self, name, dims):
+        seen.setdefault(name, {(n, dict(d)["b"]) for n, d in self._compiled})
+        return real(self, name, dims)
+
+    monkeypatch.setattr(Programs, "get", spy)
+    assert model.generate(PROMPTS[:1] * 5, 2) == tiny.model.generate(PROMPTS[:1] * 5, 2)  # batch bucket 8
+    assert ("decode", 8) in seen["prefill"]  # compiling beside prefill, not after it
