@@ -139,10 +139,11 @@ class Programs:
         return fut.result()
 
     def _work(self) -> None:
-        """The worker: compiles queued jobs in order, and ends when none are left."""
+        """The worker: compiles queued jobs in order, and ends when none are left, or when the
+        interpreter is exiting (queued work is speculative: an exit never waits for it)."""
         while True:
             with self._lock:
-                if not self._pending or self._closed:
+                if not self._pending or self._closed or not threading.main_thread().is_alive():
                     self._worker = None
                     return
                 key = self._pending.popleft()

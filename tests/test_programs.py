@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 import runtime
-from fixtures_artifacts import PROMPTS, aot_cache_env, tiny  # noqa: F401
+from fixtures_artifacts import PROMPTS, aot_cache_env, run_python, subprocess_env, tiny  # noqa: F401
 from runtime import compile_cache
 from runtime.checkpoints import open_checkpoint
 from runtime.errors import RequestError, WeightsError
@@ -180,3 +180,24 @@ def test_a_new_request_size_queues_decode_before_prefill_is_compiled(tiny, monke
     monkeypatch.setattr(Programs, "get", spy)
     assert model.generate(PROMPTS[:1] * 5, 2) == tiny.model.generate(PROMPTS[:1] * 5, 2)  # batch bucket 8
     assert ("decode", 8) in seen["prefill"]  # compiling beside prefill, not after it
+
+
+def test_an_exiting_process_does_not_wait_for_queued_compiles(tiny, tmp_path):
+    code = """if True:
+        import sys
+        import runtime
+        from runtime.programs import Programs
+        real = Programs._compile
+        def logged(self, name, dims):
+            with open(sys.argv[3], "a") as f:
+                f.write(name + "\\n")
+            return real(self, name, dims)
+        Programs._compile = logged
+        runtime.load(sys.argv[1], sys.argv[2], use_compile_cache=False,
+                     prepare=[(b, t) for b in (1, 2, 4, 8) for t in (16, 32, 64)])
+        """  # 16 programs queued (12 prefill, 4 decode), then the script ends
+    log = tmp_path / "compiled.txt"
+    r = run_python(code, tiny.path, tiny.weights, log, env=subprocess_env())
+    assert r.returncode == 0, r.stderr
+    compiled = log.read_text().split() if log.exists() else []
+    assert len(compiled) <= 2, compiled  # the one in flight at exit (and at most one more)
