@@ -174,10 +174,8 @@ class SafetensorsCheckpoint(Checkpoint):
 
     def read(self, name: str) -> np.ndarray:
         """The tensor as a read-only view of the memory-mapped file (no copy)."""
-        if name not in self._where:
-            raise self._unknown(name)
+        shape, dtype = self.shape(name), self.dtype(name)  # an unknown name raises here
         file, _ = self._where[name]
-        shape, dtype = self.shape(name), self.dtype(name)
         try:
             mapped, data_start, offsets = self._mapped(file)
             begin, end = offsets[name]
