@@ -11,9 +11,10 @@ import jax.numpy as jnp
 import jaxlib
 
 import runtime
-from runtime.atomic import atomic_directory
-from runtime.integrity import file_record
-from runtime.manifest import FORMAT_NAME, SCHEMA_VERSION, write_manifest
+from runtime.tools.atomic import atomic_directory
+from runtime.format.integrity import file_record
+from runtime.format.manifest import FORMAT_NAME, SCHEMA_VERSION
+from runtime.tools.writers import write_manifest
 
 from exporter.functions import ModelFunctions
 from exporter.lowering import FUNCTIONS, export_all, serialization_version, signature

@@ -106,7 +106,7 @@ def verify_command(artifact, weights, steps, seed, as_json):
     import dataclasses
     import json
 
-    from runtime.engine import load
+    from runtime.engine.model import load
 
     from exporter.verify import verify
 

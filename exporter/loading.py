@@ -8,7 +8,8 @@ import jax.numpy as jnp
 
 from exporter.config import Mamba2Config, load_config
 from exporter.params import bind, weight_spec
-from runtime.weights import load_weights, parse_weight_spec, random_weights
+from runtime.engine.weights import load_weights, parse_weight_spec
+from runtime.tools.random_init import random_weights
 
 
 def load_params(cfg: Mamba2Config, weights: str | None, dtype=jnp.float32, seed: int = 0) -> dict:

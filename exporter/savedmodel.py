@@ -18,7 +18,7 @@ Signatures (every input is required; scalars are rank-0 tensors):
   sample: generate's inputs plus temperature f32[] (0 = greedy), top_k int32[] (0 = off),
       top_p f32[] (1 = off), min_p f32[] (0 = off), seed int64[] (>= 0) -> same outputs.
       Row i draws with the key fold_in(PRNGKey(seed), i), computed inside the graph exactly like
-      `runtime.rng.row_keys(seed, rows)`, so TF-only callers get the runtime's tokens.
+      `runtime.engine.rng.row_keys(seed, rows)`, so TF-only callers get the runtime's tokens.
       Seeds are used modulo 2**32, as the runtime's (jax without x64) does.
   prefill: tokens int32[b, t], lengths int32[b]
       -> logits f32[b, V] (next-token logits after each prompt), cache_conv [L, b, K-1, C]
@@ -73,7 +73,7 @@ def generate_fn(fns: ModelFunctions):
     def run(params, tokens, lengths, max_new_tokens, temperature, top_k, top_p, min_p, seed):
         logits, cache = fns.prefill(params, tokens, lengths)
         b = tokens.shape[0]
-        base = jax.random.PRNGKey(seed)  # == runtime.rng.row_keys: fold_in(PRNGKey(seed), row)
+        base = jax.random.PRNGKey(seed)  # == runtime.engine.rng.row_keys: fold_in(PRNGKey(seed), row)
         keys = jax.vmap(lambda row: jax.random.fold_in(base, row))(jnp.arange(b, dtype=jnp.int32))
         stop_ids = jnp.full((limits.max_stop_tokens,), -1, jnp.int32)
         if cfg.eos_token_id is not None:
@@ -120,7 +120,7 @@ def _variables(tf, cfg: Mamba2Config, params: Mapping, dtype) -> dict:
 
 def _checks(tf, cfg: Mamba2Config, limits: Limits, tokens, lengths, max_new_tokens=None,
             sampling=None) -> list:
-    """In-graph request validation, mirroring runtime.requests (one-line messages)."""
+    """In-graph request validation, mirroring runtime.engine.requests (one-line messages)."""
     dbg = tf.debugging
     t = tf.shape(tokens)[1]
     ops = [
@@ -231,7 +231,7 @@ def write_savedmodel(cfg: Mamba2Config, params: Mapping, out_dir: Path, version:
     gets (step, seconds) after each conversion and after the save. `platforms` are the
     backends the StableHLO is lowered for (e.g. ("cpu", "cuda") for a CPU and a GPU server).
     """
-    from runtime.atomic import atomic_directory
+    from runtime.tools.atomic import atomic_directory
 
     tf, _ = _import_tf()
     progress = progress or (lambda *a: None)

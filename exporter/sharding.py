@@ -25,7 +25,7 @@ projections (or in_proj rows permuted so each device's block is [z_i | x_i | B C
 B/C replicated) -- would leave only the out_proj all-reduce and the vocab-parallel logits.
 
 Export needs no devices: shardings are over an AbstractMesh, so an 8-device TPU artifact can be
-exported on a laptop. The runtime (runtime.placement) rebuilds a concrete mesh from the
+exported on a laptop. The runtime (runtime.engine.placement) rebuilds a concrete mesh from the
 manifest's `mesh` record and refuses a process whose device count differs.
 """
 

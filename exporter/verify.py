@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from runtime.engine import LoadedModel
-from runtime.requests import SamplingParams, check_stop_ids, pad_batch
+from runtime.engine.model import LoadedModel
+from runtime.engine.requests import SamplingParams, check_stop_ids, pad_batch
 
 from exporter.config import Mamba2Config
 from exporter.functions import Limits, ModelFunctions

@@ -16,10 +16,10 @@ __version__ = "0.1.0"
 def __getattr__(name: str):
     """`runtime.load(...)`, imported on first use (importing `runtime` alone does not load jax)."""
     if name == "load":
-        from runtime.startup import gc_paused
+        from runtime.engine.startup import gc_paused
 
         with gc_paused():  # importing jax
-            from runtime.engine import load
+            from runtime.engine.model import load
         return load
     raise AttributeError(f"module 'runtime' has no attribute {name!r}")
 

@@ -26,7 +26,7 @@ import pytest
 
 from exporter.config import Mamba2Config
 from exporter.functions import Limits, ModelFunctions
-from runtime.compile_cache import ENV_VAR as CACHE_ENV
+from runtime.engine.compile_cache import ENV_VAR as CACHE_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -64,10 +64,10 @@ def blocker_prelude(blocked) -> str:
     """)
 
 
-# Runs runtime.cli.main(argv) behind the blocker, then reports blocked modules that got loaded.
+# Runs runtime.tools.cli.main(argv) behind the blocker, then reports blocked modules that got loaded.
 def cli_wrapper(blocked) -> str:
     return blocker_prelude(blocked) + textwrap.dedent("""
-        from runtime.cli import main
+        from runtime.tools.cli import main
         code = 0
         try:
             main(sys.argv[1:])
@@ -98,7 +98,7 @@ def run_cli(*args: str, env: dict, blocked=(), timeout: float = 240) -> subproce
     if blocked:
         cmd = [sys.executable, "-c", cli_wrapper(blocked), *map(str, args)]
     else:
-        cmd = [sys.executable, "-m", "runtime.cli", *map(str, args)]
+        cmd = [sys.executable, "-m", "runtime.tools.cli", *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=str(REPO))
 
 
@@ -165,17 +165,17 @@ class TinyArtifact:
     @functools.cached_property
     def model(self):
         """The artifact loaded by the runtime with `weights` (one instance per session)."""
-        from runtime.engine import load
+        from runtime.engine.model import load
 
         return load(self.path, self.weights)
 
     def live_generate(self, prompts, max_new_tokens, *, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0,
                       seed=0, stop=None) -> list[list[int]]:
         """The jitted live functions on the batch the runtime would build: one decode call."""
-        from runtime.requests import check_stop_ids, pad_batch
-        from runtime.rng import row_keys
+        from runtime.engine.requests import check_stop_ids, pad_batch
+        from runtime.engine.rng import row_keys
 
-        from runtime.manifest import read_manifest
+        from runtime.format.manifest import read_manifest
 
         limits = {**dataclasses.asdict(self.fns.limits), "vocab_size": self.cfg.vocab_size}
         buckets = dataclasses.asdict(read_manifest(self.path).buckets)  # pad as the runtime does
@@ -235,8 +235,8 @@ def tiny(tmp_path_factory, make_random_params, aot_cache_env) -> TinyArtifact:
 def step_by_step(model, prompts, steps, *, seed=0, stop=None, **sampling):
     """Drive the artifact's decode one token per call: (tokens [n, steps], the logits each token
     was drawn from [n, steps, V]). Rows that stopped get -1 from then on."""
-    from runtime.requests import SamplingParams, check_stop_ids, pad_batch
-    from runtime.rng import row_keys
+    from runtime.engine.requests import SamplingParams, check_stop_ids, pad_batch
+    from runtime.engine.rng import row_keys
 
     n = len(prompts)
     tokens, lengths = pad_batch([list(p) for p in prompts], model.buckets)

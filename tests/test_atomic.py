@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.atomic import atomic_directory, atomic_write_bytes, clean_stale
+from runtime.tools.atomic import atomic_directory, atomic_write_bytes, clean_stale
 from runtime.errors import ExportError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,9 +96,9 @@ def test_force_replaces_whole(tmp_path):
 
 
 def test_force_without_renameat2(tmp_path, monkeypatch):
-    import runtime.atomic
+    import runtime.tools.atomic
 
-    monkeypatch.setattr(runtime.atomic, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(runtime.tools.atomic, "_exchange", lambda a, b: False)
     dest = _old_artifact(tmp_path)
     with atomic_directory(dest, force=True) as d:
         (d / "new").write_text("n")
@@ -174,7 +174,7 @@ def test_atomic_write_bytes(tmp_path):
 _WRITER = textwrap.dedent("""
     import os, sys, time
     from pathlib import Path
-    from runtime.atomic import atomic_directory
+    from runtime.tools.atomic import atomic_directory
     from runtime.errors import ExportError
     dest, tag, force, go, hold = sys.argv[1], sys.argv[2], sys.argv[3] == "1", sys.argv[4], float(sys.argv[5])
     while go and not os.path.exists(go):

@@ -13,14 +13,14 @@ from pathlib import Path
 import click
 import pytest
 
-import runtime.cli
+import runtime.tools.cli
 from runtime import __version__
 from runtime.errors import WeightsError
 from test_manifest import FAKE_FILES, fake_manifest, make_artifact
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Runs runtime.cli.main with heavy / exporter packages made unimportable, then reports which of
+# Runs runtime.tools.cli.main with heavy / exporter packages made unimportable, then reports which of
 # them got loaded anyway.
 _BLOCKED_RUN = textwrap.dedent("""
     import sys
@@ -30,7 +30,7 @@ _BLOCKED_RUN = textwrap.dedent("""
             if name.split(".")[0] in BLOCK:
                 raise ImportError(f"blocked import of {name}")
     sys.meta_path.insert(0, Blocker())
-    from runtime.cli import main
+    from runtime.tools.cli import main
     code = 0
     try:
         main(sys.argv[1:])
@@ -60,7 +60,7 @@ def _errors(stderr: str) -> list[str]:
 
 def run_main(capsys, *args: str) -> tuple[int, str, str]:
     with pytest.raises(SystemExit) as e:
-        runtime.cli.main(list(args))
+        runtime.tools.cli.main(list(args))
     out, err = capsys.readouterr()
     return e.value.code, out, err
 
@@ -103,7 +103,7 @@ def test_plugin_loaded_only_when_invoked(tmp_path, monkeypatch, capsys):
             click.echo("hello from plugin")
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(runtime.cli, "_plugins", lambda: {"hello": "fake_plugin_mod:hello"})
+    monkeypatch.setattr(runtime.tools.cli, "_plugins", lambda: {"hello": "fake_plugin_mod:hello"})
     code, out, _ = run_main(capsys, "--help")
     assert code == 0 and "hello" in out and "fake_plugin_mod" not in sys.modules
     code, out, _ = run_main(capsys, "hello")
@@ -111,7 +111,7 @@ def test_plugin_loaded_only_when_invoked(tmp_path, monkeypatch, capsys):
 
 
 def test_builtin_table_is_one_line_per_command(monkeypatch, capsys):
-    monkeypatch.setitem(runtime.cli.BUILTIN_COMMANDS, "echo-version", ("runtime.cli:cli", "Nested group."))
+    monkeypatch.setitem(runtime.tools.cli.BUILTIN_COMMANDS, "echo-version", ("runtime.tools.cli:cli", "Nested group."))
     code, out, _ = run_main(capsys, "--help")
     assert code == 0 and re.search(r"echo-version +Nested group\.", out)
 
@@ -123,7 +123,7 @@ def test_mamba2aot_error_exit_2(monkeypatch, capsys):
     def boom(_artifact):
         raise WeightsError("weights file w.safetensors is missing: pass --weights")
 
-    monkeypatch.setattr("runtime.inspect_cmd.describe", boom)
+    monkeypatch.setattr("runtime.tools.inspect_cmd.describe", boom)
     code, out, err = run_main(capsys, "inspect", "x")
     assert code == 2 and out == ""
     assert err == "error: weights file w.safetensors is missing: pass --weights\n"
@@ -133,7 +133,7 @@ def test_internal_error_exit_1(monkeypatch, capsys):
     def boom(_artifact):
         raise ValueError("something\nunexpected")
 
-    monkeypatch.setattr("runtime.inspect_cmd.describe", boom)
+    monkeypatch.setattr("runtime.tools.inspect_cmd.describe", boom)
     monkeypatch.delenv("MAMBA2_AOT_DEBUG", raising=False)
     code, _, err = run_main(capsys, "inspect", "x")
     assert code == 1
@@ -141,7 +141,7 @@ def test_internal_error_exit_1(monkeypatch, capsys):
                    "(set MAMBA2_AOT_DEBUG=1 for a traceback)\n")
     monkeypatch.setenv("MAMBA2_AOT_DEBUG", "1")
     with pytest.raises(ValueError):
-        runtime.cli.main(["inspect", "x"])
+        runtime.tools.cli.main(["inspect", "x"])
 
 
 # ---------------------------------------------------------------- inspect
@@ -214,4 +214,4 @@ def test_inspect_missing_argument(capsys):
 
 
 def test_click_is_the_only_ui_dependency():
-    assert isinstance(runtime.cli.cli, click.Group)
+    assert isinstance(runtime.tools.cli.cli, click.Group)

@@ -30,8 +30,9 @@ from exporter.config import Mamba2Config
 from exporter.functions import Limits, ModelFunctions
 from runtime.errors import (ArtifactError, CompatibilityError, IntegrityError, Mamba2AOTError,
                             RequestError, WeightsError)
-from runtime.manifest import MANIFEST_NAME
-from runtime.weights import parse_weight_spec, random_weights
+from runtime.format.manifest import MANIFEST_NAME
+from runtime.engine.weights import parse_weight_spec
+from runtime.tools.random_init import random_weights
 
 TINY_CFG = Mamba2Config(hidden_size=64, num_hidden_layers=2, vocab_size=96, state_size=16, head_dim=16,
                         chunk_size=8, name="tiny-errors")
@@ -507,4 +508,4 @@ def test_errors_are_documented_types():
     for exc in (ArtifactError, IntegrityError, CompatibilityError, WeightsError, RequestError):
         assert issubclass(exc, Mamba2AOTError) and exc.__doc__
     assert issubclass(IntegrityError, ArtifactError)
-    assert runtime.load is runtime.engine.load
+    assert runtime.load is runtime.engine.model.load

@@ -2,7 +2,7 @@
 
 For every case the CLI exits non-zero (2) and prints exactly one `error: ...` line that names the
 problem and the fix, and no traceback. The cases are the tables of test_errors_api.py; most run
-`runtime.cli.main` in-process (fd-level capture, so native output would show up too), and a few
+`runtime.tools.cli.main` in-process (fd-level capture, so native output would show up too), and a few
 run the installed console script in subprocesses.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import runtime
-import runtime.cli
+import runtime.tools.cli
 from test_errors_api import (  # noqa: F401  (fixtures are used by name)
     ARTIFACT_CASES,
     TINY_CFG,
@@ -37,7 +37,7 @@ def cli(capfd, *args) -> tuple[int, str, str]:
     """Run `mamba2-aot ARGS` in-process: (exit code, stdout, stderr)."""
     capfd.readouterr()
     with pytest.raises(SystemExit) as e:
-        runtime.cli.main([str(a) for a in args])
+        runtime.tools.cli.main([str(a) for a in args])
     out, err = capfd.readouterr()
     return e.value.code, out, err
 
@@ -180,7 +180,7 @@ def test_export_existing_destination_needs_force(capfd, tmp_path):
 
 def _entry_point() -> list[str]:
     script = Path(sys.executable).parent / "mamba2-aot"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "runtime.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "runtime.tools.cli"]
 
 
 def test_console_script_failures_are_one_line(tmp_path, tmp_path_factory, bad_weights):

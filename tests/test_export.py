@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import runtime.cli
+import runtime.tools.cli
 from exporter.artifact import write_artifact
 from exporter.config import PRESETS
 from exporter.functions import Limits, ModelFunctions
@@ -25,10 +25,10 @@ from exporter.params import count_params
 from fixtures_artifacts import (FAST, PROMPTS, TINY_LIMITS, UNFLATTEN_SRC, aot_cache_env,  # noqa: F401
                                 blocker_prelude, flatten, last_json, run_cli, run_python, subprocess_env,
                                 tiny)
-from runtime.manifest import read_manifest
-from runtime.requests import SamplingParams, pad_batch
-from runtime.rng import row_keys
-from runtime.weightspec import parse_weight_spec
+from runtime.format.manifest import read_manifest
+from runtime.engine.requests import SamplingParams, pad_batch
+from runtime.engine.rng import row_keys
+from runtime.format.weightspec import parse_weight_spec
 
 V = 96
 NO_STOP = np.full((TINY_LIMITS.max_stop_tokens,), -1, np.int32)
@@ -250,7 +250,7 @@ def test_all_presets_lower_for_tpu_and_cuda(tmp_path):
 
 def run_main(capsys, *args) -> tuple[int, str, str]:
     with pytest.raises(SystemExit) as e:
-        runtime.cli.main([str(a) for a in args])
+        runtime.tools.cli.main([str(a) for a in args])
     out, err = capsys.readouterr()
     return e.value.code, out, err
 

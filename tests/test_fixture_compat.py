@@ -17,10 +17,10 @@ import pytest
 from safetensors.numpy import load_file
 
 import runtime
-from runtime.compat import current_platform, in_jax_window
+from runtime.format.compat import current_platform, in_jax_window
 from runtime.errors import CompatibilityError
-from runtime.integrity import verify_files
-from runtime.manifest import read_manifest
+from runtime.format.integrity import verify_files
+from runtime.format.manifest import read_manifest
 from test_errors_api import isolated_compile_cache  # noqa: F401
 from test_errors_cli import cli
 

@@ -11,7 +11,7 @@ import pytest
 
 from exporter import flatten
 from fixtures_artifacts import aot_cache_env, tiny  # noqa: F401
-from runtime.manifest import read_manifest
+from runtime.format.manifest import read_manifest
 
 
 def _text(exported) -> str:

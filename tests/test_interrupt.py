@@ -2,7 +2,7 @@
 
 Real `mamba2-aot export` subprocesses: one SIGKILLed mid-export (as soon as its temp dir
 appears), and two racing to the same --out with and without --force. (test_atomic.py covers
-runtime.atomic itself with toy writers; these go through the exporter end to end.)
+runtime.tools.atomic itself with toy writers; these go through the exporter end to end.)
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ import jaxlib
 import pytest
 
 import runtime
-from runtime.atomic import clean_stale
-from runtime.integrity import verify_files
-from runtime.manifest import MANIFEST_NAME, read_manifest
+from runtime.tools.atomic import clean_stale
+from runtime.format.integrity import verify_files
+from runtime.format.manifest import MANIFEST_NAME, read_manifest
 from test_errors_api import TINY_CFG, exported_artifact, isolated_compile_cache  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,7 +39,7 @@ def _env(tmp_path: Path) -> dict:
 
 def _entry_point() -> list[str]:
     script = Path(sys.executable).parent / "mamba2-aot"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "runtime.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "runtime.tools.cli"]
 
 
 def _tree(root: Path) -> dict[str, bytes]:
@@ -96,11 +96,11 @@ def test_sigkill_mid_export(earlier, tmp_path, tmp_path_factory):
 # Imports everything first, waits at a barrier file, then runs `mamba2-aot export ARGS`.
 _RACER = textwrap.dedent("""
     import os, sys, time
-    import exporter.cli, runtime.cli
+    import exporter.cli, runtime.tools.cli
     go = sys.argv[1]
     while not os.path.exists(go):
         time.sleep(0.001)
-    runtime.cli.main(sys.argv[2:])
+    runtime.tools.cli.main(sys.argv[2:])
 """)
 
 

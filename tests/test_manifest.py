@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from runtime.errors import ArtifactError, IntegrityError
-from runtime.integrity import check_member_name, file_record, safe_member, sha256_file, verify_files
-from runtime.manifest import (
+from runtime.format.integrity import check_member_name, file_record, safe_member, sha256_file, verify_files
+from runtime.format.manifest import (
     FORMAT_NAME,
     MANIFEST_NAME,
     SCHEMA_VERSION,
@@ -22,8 +22,8 @@ from runtime.manifest import (
     decode_manifest,
     parse_manifest,
     read_manifest,
-    write_manifest,
 )
+from runtime.tools.writers import write_manifest
 
 # ---------------------------------------------------------------- fake artifact helper (shared)
 
@@ -429,7 +429,7 @@ def test_deeply_nested_json(tmp_path):
 
 
 def test_parse_version_order():
-    from runtime.compat import parse_version
+    from runtime.format.compat import parse_version
 
     order = ["0.6.0.dev1", "0.6.0a1", "0.6.0rc1.dev2", "0.6.0rc1", "0.6.0", "0.6.0.post1", "0.6.1", "0.10.2", "0.11"]
     keys = [parse_version(v) for v in order]
@@ -443,7 +443,7 @@ def test_parse_version_order():
 def test_jax_window_and_calling_convention(monkeypatch):
     import jax
 
-    from runtime.compat import check_compatibility, in_jax_window
+    from runtime.format.compat import check_compatibility, in_jax_window
     from runtime.errors import CompatibilityError
 
     assert check_compatibility(parse_manifest(fake_manifest()), backend="cpu") == []
@@ -462,7 +462,7 @@ def test_jax_window_and_calling_convention(monkeypatch):
 def test_platform_and_expiry():
     import datetime as dt
 
-    from runtime.compat import check_platform, current_platform, expiry_warning
+    from runtime.format.compat import check_platform, current_platform, expiry_warning
     from runtime.errors import CompatibilityError
 
     m = parse_manifest(fake_manifest())

@@ -15,12 +15,12 @@ from safetensors.numpy import save_file
 
 import runtime
 from fixtures_artifacts import PROMPTS, aot_cache_env, run_python, subprocess_env, tiny  # noqa: F401
-from runtime import compile_cache
-from runtime.checkpoints import open_checkpoint
+from runtime.engine import compile_cache
+from runtime.engine.checkpoints import open_checkpoint
 from runtime.errors import RequestError, WeightsError
-from runtime.manifest import read_manifest
-from runtime.programs import Programs
-from runtime.weights import host_buffer, to_device
+from runtime.format.manifest import read_manifest
+from runtime.engine.programs import Programs
+from runtime.engine.weights import host_buffer, to_device
 
 
 def _pointer(arr: np.ndarray) -> int:
@@ -72,7 +72,7 @@ def test_safetensors_with_inconsistent_offsets_is_refused(tmp_path):
 
 
 def test_loaded_weights_sit_in_aligned_buffers(tiny):
-    from runtime.weights import load_weights
+    from runtime.engine.weights import load_weights
 
     arrays = load_weights(tiny.weights, tiny.model.manifest.weights)
     assert all(_pointer(a) % 64 == 0 for a in arrays.values())
@@ -186,7 +186,7 @@ def test_an_exiting_process_does_not_wait_for_queued_compiles(tiny, tmp_path):
     code = """if True:
         import sys
         import runtime
-        from runtime.programs import Programs
+        from runtime.engine.programs import Programs
         real = Programs._compile
         def logged(self, name, dims):
             with open(sys.argv[3], "a") as f:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import runtime
-import runtime.cli
+import runtime.tools.cli
 from fixtures_artifacts import (HEAVY, PROMPTS, TINY_LIMITS, aot_cache_env, blocker_prelude,  # noqa: F401
                                 last_json, leaked, run_cli, run_python, subprocess_env, tiny)
 from runtime.errors import RequestError, WeightsError
@@ -24,7 +24,7 @@ EOS = 0  # TINY_CFG.eos_token_id: the CLI's default stop id
 def run_main(capsys, *args) -> tuple[int, str, str]:
     """`mamba2-aot ARGS` in this process (same entry point, no interpreter start-up)."""
     with pytest.raises(SystemExit) as e:
-        runtime.cli.main([str(a) for a in args])
+        runtime.tools.cli.main([str(a) for a in args])
     out, err = capsys.readouterr()
     return e.value.code, out, err
 
@@ -203,7 +203,7 @@ _FIRST_TOKEN = """
 import time
 t0 = time.perf_counter()
 import json, sys
-from runtime.engine import load
+from runtime.engine.model import load
 model = load(sys.argv[1], sys.argv[2])
 t_load = time.perf_counter()
 first = next(model.stream(json.loads(sys.argv[3]), 8, block=1))

@@ -193,7 +193,7 @@ def test_seeds_reproduce_and_differ(tiny):
 
 _OTHER_PROCESS = """
 import json, sys
-from runtime.engine import load
+from runtime.engine.model import load
 model = load(sys.argv[1], sys.argv[2])
 kw = json.loads(sys.argv[3])
 print(json.dumps(model.generate(**kw)))

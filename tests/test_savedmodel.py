@@ -139,7 +139,7 @@ def runtime_model(params, tmp_path_factory):
     from safetensors.numpy import save_file
 
     from exporter.artifact import write_artifact
-    from runtime.engine import load
+    from runtime.engine.model import load
 
     tmp = tmp_path_factory.mktemp("artifact")
     write_artifact(ModelFunctions(CFG, jnp.float32, LIMITS), ("cpu",), tmp / "art", force=False)

@@ -22,8 +22,8 @@ from click.testing import CliRunner
 from exporter.cli import export_command
 from exporter.sharding import AXIS, fallback_summary, plan
 from runtime.errors import ArtifactError, CompatibilityError
-from runtime.manifest import read_manifest
-from runtime.placement import parse_spec
+from runtime.format.manifest import read_manifest
+from runtime.engine.placement import parse_spec
 
 REPO = Path(__file__).resolve().parents[1]
 DEVICES = (4, 8)
@@ -43,10 +43,12 @@ NEW_TOKENS, BLOCK = 12, 5  # three decode calls: the sharded state goes back in 
 _RUN = textwrap.dedent("""
     import json, sys
     import jax, numpy as np
-    import runtime.weights
-    from runtime.engine import load
-    from runtime.requests import pad_batch
-    from runtime.weights import parse_weight_spec, random_weights, save_orbax
+    import runtime.engine.weights
+    from runtime.engine.model import load
+    from runtime.engine.requests import pad_batch
+    from runtime.engine.weights import parse_weight_spec
+    from runtime.tools.random_init import random_weights
+    from runtime.tools.writers import save_orbax
 
     artifact, orbax_dir, out, prompts, new, block = json.loads(sys.argv[1])
     m = load(artifact)
@@ -61,8 +63,8 @@ _RUN = textwrap.dedent("""
     if orbax_dir:
         save_orbax(random_weights(parse_weight_spec(m.manifest.weights), 0), orbax_dir)
         host_reads = []
-        real = runtime.weights.load_weights
-        runtime.weights.load_weights = lambda *a, **k: host_reads.append(1) or real(*a, **k)
+        real = runtime.engine.weights.load_weights
+        runtime.engine.weights.load_weights = lambda *a, **k: host_reads.append(1) or real(*a, **k)
         m2 = load(artifact, orbax_dir)
         report["orbax_tokens"] = m2.generate(prompts, new, block=block)
         report["orbax_host_reads"] = len(host_reads)
@@ -104,8 +106,8 @@ def artifacts(tmp_path_factory) -> dict:
         procs[n] = subprocess.Popen([sys.executable, "-c", _RUN, json.dumps(args)], env=_env(n, root / "xla"),
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        from runtime.engine import load
-        from runtime.requests import pad_batch
+        from runtime.engine.model import load
+        from runtime.engine.requests import pad_batch
 
         ref = load(out[1], use_compile_cache=False)  # leave this process's jax config alone
         padded, lengths = pad_batch(PROMPTS, ref.buckets, 0)
@@ -178,7 +180,7 @@ def test_manifest_records_mesh_and_shardings(artifacts):
 
 
 def test_wrong_device_count_is_refused(artifacts):
-    from runtime.engine import load
+    from runtime.engine.model import load
 
     have = jax.device_count()
     if have == 4:
@@ -190,7 +192,7 @@ def test_wrong_device_count_is_refused(artifacts):
 
 
 def test_wrong_device_count_cli_one_line_error(artifacts):
-    p = subprocess.run([sys.executable, "-c", "from runtime.cli import main; main()", "generate",
+    p = subprocess.run([sys.executable, "-c", "from runtime.tools.cli import main; main()", "generate",
                         str(artifacts[4]), "--prompt-ids", "1,2,3"],
                        env=_env(None, artifacts["root"] / "xla"), capture_output=True, text=True, timeout=120)
     assert p.returncode != 0

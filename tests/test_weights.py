@@ -1,4 +1,4 @@
-"""runtime.weights: weight specs, checkpoint reading (safetensors, HF, orbax), strict loading."""
+"""runtime.engine.weights: weight specs, checkpoint reading (safetensors, HF, orbax), strict loading."""
 
 from __future__ import annotations
 
@@ -15,15 +15,15 @@ from safetensors.numpy import save_file
 from exporter.config import Mamba2Config
 from exporter.params import param_shapes, weight_spec
 from runtime.errors import ExportError, WeightsError
-from runtime.checkpoints import open_checkpoint
-from runtime.weights import (
+from runtime.engine.checkpoints import open_checkpoint
+from runtime.engine.weights import (
     check_config,
     load_weights,
     parse_weight_spec,
-    random_weights,
-    save_orbax,
     to_device,
 )
+from runtime.tools.random_init import random_weights
+from runtime.tools.writers import save_orbax
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 CFG = Mamba2Config(hidden_size=64, num_hidden_layers=2, vocab_size=96, state_size=16, head_dim=16, chunk_size=8)
@@ -191,7 +191,7 @@ def test_mismatch_messages(tmp_path, spec, monkeypatch):
     arrays["backbone.layers.1.mixer.D"] = np.ones((8,), np.int64)
     d = _save(tmp_path, arrays)
     # Names, shapes and dtypes are checked from headers only: no tensor data is read.
-    from runtime.checkpoints import SafetensorsCheckpoint
+    from runtime.engine.checkpoints import SafetensorsCheckpoint
     monkeypatch.setattr(SafetensorsCheckpoint, "read", lambda self, n: pytest.fail(f"read {n}"))
     msg = _err(load_weights, d, spec)
     assert msg.count(";") >= 3 and "4 problems:" in msg
@@ -351,7 +351,7 @@ def test_random_weights(spec):
 
 
 def test_random_weights_same_in_another_process(spec):
-    code = ("import hashlib, json, sys; from runtime.weights import random_weights; "
+    code = ("import hashlib, json, sys; from runtime.tools.random_init import random_weights; "
             "spec = json.loads(sys.stdin.read()); w = random_weights(spec, 7); "
             "print(hashlib.sha256(b''.join(w[n].tobytes() for n in sorted(w))).hexdigest())")
     out = subprocess.run([sys.executable, "-c", code], input=json.dumps(spec.to_dict()), text=True,
@@ -398,7 +398,7 @@ def test_orbax_round_trip(tmp_path, dtype):
 
 
 def test_orbax_reads_in_batches(tmp_path, spec, monkeypatch):
-    import runtime.checkpoints as rw
+    import runtime.engine.checkpoints as rw
 
     params = random_weights(spec, 1)
     save_orbax(params, tmp_path / "o")
@@ -432,7 +432,7 @@ def test_to_device(spec):
 
 
 def test_runtime_weights_imports_no_model_code():
-    code = ("import sys, runtime.weights; "
+    code = ("import sys, runtime.engine.weights; "
             "bad = [m for m in ('exporter', 'flax', 'torch', 'tensorflow', 'orbax') if m in sys.modules]; "
             "print(','.join(bad))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,

@@ -101,7 +101,7 @@ class RuntimeEngine(_Engine):
         import numpy as np
 
         import runtime
-        from runtime.requests import SamplingParams
+        from runtime.engine.requests import SamplingParams
 
         self.model = runtime.load(spec["artifact_dir"], weights=spec["weights_dir"])
         self.sampling = SamplingParams()  # greedy

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from runtime.errors import CompatibilityError
 
 if TYPE_CHECKING:
-    from runtime.manifest import Manifest
+    from runtime.format.manifest import Manifest
 
 # X[.Y[.Z[.W]]] then an optional pre/post/dev tag, then an optional +local label.
 _VERSION = re.compile(

@@ -1,5 +1,5 @@
 """The persistent XLA compilation cache, and the shapes each artifact ran with: a second process
-start reuses compiled executables and prepares them while it loads (runtime.programs)."""
+start reuses compiled executables and prepares them while it loads (runtime.engine.programs)."""
 
 from __future__ import annotations
 

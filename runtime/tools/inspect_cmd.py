@@ -7,9 +7,9 @@ from typing import Any
 
 import click
 
-from runtime.compat import expiry_warning, in_jax_window, jax_version
+from runtime.format.compat import expiry_warning, in_jax_window, jax_version
 from runtime.errors import Mamba2AOTError
-from runtime.manifest import Manifest, TensorSpec, read_manifest
+from runtime.format.manifest import Manifest, TensorSpec, read_manifest
 
 _MAX_MODEL_ROWS = 40
 

@@ -42,9 +42,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from runtime.compat import parse_version
+from runtime.format.compat import parse_version
 from runtime.errors import ArtifactError
-from runtime.integrity import check_member_name
+from runtime.format.integrity import check_member_name
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "mamba2-aot-artifact"
@@ -515,12 +515,3 @@ def encode_manifest(obj: dict) -> bytes:
     # Validate what a reader will see (tuples become lists, keys become strings).
     decode_manifest(text.encode("utf-8"), "manifest")
     return text.encode("utf-8") + b"\n"
-
-
-def write_manifest(artifact_dir: str | os.PathLike, obj: dict) -> Path:
-    """Validate `obj` and write it atomically to `<artifact_dir>/manifest.json`."""
-    from runtime.atomic import atomic_write_bytes
-
-    path = Path(artifact_dir) / MANIFEST_NAME
-    atomic_write_bytes(path, encode_manifest(obj))
-    return path

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Iterable
 from runtime.errors import ArtifactError, IntegrityError
 
 if TYPE_CHECKING:
-    from runtime.manifest import Manifest
+    from runtime.format.manifest import Manifest
 
 _CHUNK = 1 << 20
 _REFETCH = "re-export or re-copy the artifact"

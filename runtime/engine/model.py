@@ -8,7 +8,7 @@ state is an opaque pytree handed from one call to the next.
 Bucketing: prompts are right-padded to the smallest prompt bucket (powers of two) and the
 batch to the smallest batch bucket, so a process compiles each function at most
 log2(max/min) + 1 times per axis; every compile lands in the persistent XLA cache.
-Single-device artifacts compile through runtime.programs: sizes given to `prepare` (and those
+Single-device artifacts compile through runtime.engine.programs: sizes given to `prepare` (and those
 the previous process used) compile in a worker thread while the weights load; a request of a
 new size queues its decode before prefill compiles, so the two compile side by side.
 """
@@ -23,18 +23,18 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from runtime import compile_cache
-from runtime.compat import check_compatibility, current_platform
+from runtime.engine import compile_cache
+from runtime.format.compat import check_compatibility, current_platform
 from runtime.errors import ArtifactError, RequestError
-from runtime.integrity import safe_member, verify_files
-from runtime.manifest import Manifest, read_manifest
-from runtime.placement import from_manifest as placement_from_manifest
-from runtime.programs import Programs, solve_dims
-from runtime.requests import (SamplingParams, bucket, check_new_tokens, check_prompts, check_stop_ids,
+from runtime.format.integrity import safe_member, verify_files
+from runtime.format.manifest import Manifest, read_manifest
+from runtime.engine.placement import from_manifest as placement_from_manifest
+from runtime.engine.programs import Programs, solve_dims
+from runtime.engine.requests import (SamplingParams, bucket, check_new_tokens, check_prompts, check_stop_ids,
                               pad_batch)
-from runtime.rng import row_keys
-from runtime.startup import gc_paused
-from runtime.weights import load_weights, parse_weight_spec, random_weights, to_device
+from runtime.engine.rng import row_keys
+from runtime.engine.startup import gc_paused
+from runtime.engine.weights import load_weights, parse_weight_spec, to_device
 
 
 _FUNCTIONS = ("prefill", "decode")
@@ -98,6 +98,8 @@ class LoadedModel:
         """Weights (checked against the spec before any device work) onto the device."""
         if weights is None:
             compile_meanwhile()
+            from runtime.tools.random_init import random_weights
+
             arrays = random_weights(spec, seed)
             self.weights_source = f"seeded random weights (seed {seed})"
         elif self.placement is not None:

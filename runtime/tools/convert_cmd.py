@@ -16,8 +16,10 @@ import click
 @click.option("--force", is_flag=True, help="Replace an existing OUT.")
 def convert_command(artifact, out, weights, seed, force):
     """Write the weights ARTIFACT needs, checked and cast to its dtype, as an orbax checkpoint at OUT."""
-    from runtime.manifest import read_manifest
-    from runtime.weights import load_weights, parse_weight_spec, random_weights, save_orbax
+    from runtime.format.manifest import read_manifest
+    from runtime.engine.weights import load_weights, parse_weight_spec
+    from runtime.tools.random_init import random_weights
+    from runtime.tools.writers import save_orbax
 
     manifest = read_manifest(artifact)
     spec = parse_weight_spec(manifest.weights)

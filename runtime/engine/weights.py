@@ -1,7 +1,7 @@
 """Checkpoints in, a validated `{name: array}` params dict out: everything from the weight spec.
 
 Names, shapes and dtypes are checked against the spec from checkpoint metadata alone, before
-any tensor data is read (readers: runtime.checkpoints). Each tensor is then copied once, into a
+any tensor data is read (readers: runtime.engine.checkpoints). Each tensor is then copied once, into a
 64-byte aligned host buffer that XLA's CPU client adopts without another copy (`to_device`).
 """
 
@@ -18,10 +18,9 @@ from typing import Any, Callable, Mapping
 import ml_dtypes
 import numpy as np
 
-from runtime.atomic import atomic_directory
-from runtime.checkpoints import ORBAX_CONFIG, Checkpoint, open_checkpoint
-from runtime.errors import ExportError, WeightsError
-from runtime.weightspec import (
+from runtime.engine.checkpoints import Checkpoint, open_checkpoint
+from runtime.errors import WeightsError
+from runtime.format.weightspec import (
     TensorSpec,
     WeightSpec,
     fmt_shape,
@@ -218,107 +217,7 @@ def load_weights(path, spec, *, check_finite: bool = True,
 
 
 # ---------------------------------------------------------------------------------------------
-# Random weights
-
-_BLOCK = 1 << 22  # elements per independently seeded block (fixed: results never depend on threads)
-
-
-def _name_key(name: str) -> tuple[int, ...]:
-    digest = hashlib.sha256(name.encode("utf-8")).digest()
-    return tuple(int.from_bytes(digest[i:i + 4], "little") for i in range(0, 16, 4))
-
-
-def _fill(out: np.ndarray, init: Mapping, seed: int, key: tuple[int, ...], block: int) -> None:
-    kind = init["kind"]
-    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=key + (block,)))
-    if kind == "normal":
-        rng.standard_normal(out=out, dtype=np.float32)
-        out *= np.float32(init["std"])
-        if init.get("mean"):
-            out += np.float32(init["mean"])
-    elif kind == "uniform":
-        rng.random(out=out, dtype=np.float32)
-        lo, hi = init["low"], init["high"]
-        out *= np.float32(hi - lo)
-        out += np.float32(lo)
-        np.clip(out, np.float32(lo), np.float32(hi), out=out)
-    else:  # pragma: no cover - parse_weight_spec admits no other kind
-        raise WeightsError(f"unknown init kind {kind!r}")
-
-
-def random_weights(spec, seed: int) -> dict[str, np.ndarray]:
-    """Seeded random weights following each tensor's init rule, in the spec's dtypes.
-
-    Each tensor is drawn from its own stream keyed by (seed, sha256(name), block), so a tensor's
-    values do not depend on the others, the thread count, the process or the machine (for a
-    given numpy version: numpy does not promise identical Generator streams across releases).
-    """
-    spec = parse_weight_spec(spec)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise WeightsError(f"seed must be an integer, got {seed!r}")
-    seed = int(seed) % (1 << 64)
-    out: dict[str, np.ndarray] = {}
-    workers = max(1, min(4, os.cpu_count() or 1))
-    with ThreadPoolExecutor(workers) as ex:
-        for t in spec.tensors:
-            if t.init["kind"] == "constant":
-                out[t.name] = host_buffer(t.shape, t.dtype)
-                out[t.name].fill(t.init["value"])
-                continue
-            buf = host_buffer((t.size,), np.float32)
-            key = _name_key(t.name)
-            blocks = [(buf[s:s + _BLOCK], t.init, seed, key, b) for b, s in enumerate(range(0, t.size, _BLOCK))]
-            if len(blocks) == 1:
-                _fill(*blocks[0])
-            else:
-                for f in [ex.submit(_fill, *blk) for blk in blocks]:
-                    f.result()
-            out[t.name] = buf.reshape(t.shape).astype(t.dtype, copy=False)
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Orbax writing and device placement
-
-
-def save_orbax(params: Mapping[str, Any], path, config: Mapping | None = None, *, force: bool = False) -> Path:
-    """Write `params` as an orbax checkpoint at `path` (+ `config` as JSON beside it), atomically.
-
-    Built in a temporary sibling directory and renamed into place (runtime.atomic); an existing
-    `path` is replaced only with force=True. Read it back with `open_checkpoint` / `load_weights`.
-    """
-    dest = Path(path).absolute()
-    if os.path.lexists(dest) and not force:
-        raise ExportError(f"{dest} already exists: pass force=True (--force) to replace it")
-    if not isinstance(params, Mapping) or not params:
-        raise ExportError("save_orbax needs a non-empty dict of {name: array}")
-    arrays: dict[str, np.ndarray] = {}
-    for name, value in params.items():
-        if not isinstance(name, str) or not name or "/" in name:
-            raise ExportError(f"cannot save parameter name {name!r} to orbax: names must be non-empty and have no '/'")
-        arrays[name] = np.asarray(value)  # numpy leaves: restored as numpy, no sharding metadata
-    config_text = None
-    if config is not None:
-        try:
-            config_text = json.dumps(dict(config), indent=2, sort_keys=True)
-        except (TypeError, ValueError) as e:
-            raise ExportError(f"the config for {dest} is not JSON-serializable: {e}") from None
-
-    import orbax.checkpoint as ocp  # lazily: only orbax checkpoints need it
-
-    with atomic_directory(dest, force=force) as tmp:
-        inner = tmp / "orbax"  # orbax wants a fresh directory; its files then move up one level
-        try:
-            ocp.PyTreeCheckpointer().save(inner, args=ocp.args.PyTreeSave(arrays))
-        except Exception as e:  # noqa: BLE001 - orbax raises many types
-            raise ExportError(f"cannot write the orbax checkpoint {dest}: {type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''}") from None
-        for entry in list(inner.iterdir()):
-            os.rename(entry, tmp / entry.name)
-        inner.rmdir()
-        if config_text is not None:
-            (tmp / ORBAX_CONFIG).write_text(config_text + "\n")
-    return dest
+# Host buffers and device placement
 
 
 _ALIGN = 64  # bytes: XLA's CPU client adopts host arrays aligned to this without copying
@@ -358,5 +257,5 @@ def to_device(params: Mapping[str, Any], shardings=None, *, consume: bool = Fals
 
 __all__ = [
     "WeightSpec", "TensorSpec", "parse_weight_spec", "check_config", "plan_load", "load_weights",
-    "random_weights", "save_orbax", "to_device", "count_nonfinite", "host_buffer",
+    "to_device", "count_nonfinite", "host_buffer",
 ]

@@ -22,9 +22,9 @@ from runtime.errors import Mamba2AOTError
 PLUGIN_GROUP = "mamba2_aot.commands"
 # name -> ("module:attr", short help shown by --help without importing the module)
 BUILTIN_COMMANDS: dict[str, tuple[str, str]] = {
-    "inspect": ("runtime.inspect_cmd:inspect_command", "Show what an artifact contains and where it runs."),
-    "generate": ("runtime.generate_cmd:generate_command", "Generate from an artifact plus weights."),
-    "convert-weights": ("runtime.convert_cmd:convert_command", "Write an artifact's weights as an orbax checkpoint."),
+    "inspect": ("runtime.tools.inspect_cmd:inspect_command", "Show what an artifact contains and where it runs."),
+    "generate": ("runtime.tools.generate_cmd:generate_command", "Generate from an artifact plus weights."),
+    "convert-weights": ("runtime.tools.convert_cmd:convert_command", "Write an artifact's weights as an orbax checkpoint."),
 }
 
 
@@ -98,7 +98,7 @@ class LazyGroup(click.Group):
 def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
     if not value or ctx.resilient_parsing:
         return
-    from runtime.compat import jax_version
+    from runtime.format.compat import jax_version
 
     try:
         jax = f" (jax {jax_version()})"

@@ -19,9 +19,9 @@ from concurrent.futures import Future
 import jax
 import jax.numpy as jnp
 
-from runtime import compile_cache
+from runtime.engine import compile_cache
 from runtime.errors import ArtifactError
-from runtime.manifest import FunctionSpec
+from runtime.format.manifest import FunctionSpec
 
 Dims = tuple[tuple[str, int], ...]  # sorted (symbol, value) pairs: one compiled program each
 

@@ -39,8 +39,8 @@ def _check_request(artifact, prompts, max_new_tokens, temperature, top_k, top_p,
     """Refuse a bad request from the manifest alone, before reading weights or compiling."""
     import dataclasses
 
-    from runtime.manifest import read_manifest
-    from runtime.requests import SamplingParams, check_new_tokens, check_prompts
+    from runtime.format.manifest import read_manifest
+    from runtime.engine.requests import SamplingParams, check_new_tokens, check_prompts
 
     limits = dataclasses.asdict(read_manifest(artifact).limits)
     check_prompts(prompts, limits)
@@ -68,7 +68,7 @@ def _check_request(artifact, prompts, max_new_tokens, temperature, top_k, top_p,
 def generate_command(artifact, weights, texts, id_lists, max_new_tokens, temperature, top_k, top_p,
                      min_p, seed, stop_ids, stream, block, as_json):
     """Generate from ARTIFACT with the compiled prefill and on-device decode loop."""
-    from runtime.engine import load
+    from runtime.engine.model import load
 
     if bool(texts) == bool(id_lists):
         raise RequestError("give prompts with either --prompt or --prompt-ids (not both, not neither)")

@@ -73,7 +73,7 @@ class Placement:
     """A concrete mesh plus a NamedSharding per weight, from the manifest's `mesh` record."""
 
     def __init__(self, mesh_record, weight_spec):
-        """`mesh_record`: runtime.manifest.Mesh; `weight_spec`: runtime.weightspec.WeightSpec.
+        """`mesh_record`: runtime.format.manifest.Mesh; `weight_spec`: runtime.format.weightspec.WeightSpec.
         Raises CompatibilityError on a device-count mismatch, ArtifactError on a bad record."""
         import jax
         from jax.sharding import AxisType, NamedSharding, PartitionSpec
@@ -145,9 +145,9 @@ class Placement:
     # -- weights -----------------------------------------------------------------------------
     def load_weights(self, path, spec, *, check_finite: bool = True) -> dict:
         """{name: array}: restored sharded from an orbax checkpoint, else read on the host
-        (runtime.weights.load_weights) for `place` to put on the devices."""
-        from runtime.checkpoints import OrbaxCheckpoint, open_checkpoint
-        from runtime.weights import load_weights
+        (runtime.engine.weights.load_weights) for `place` to put on the devices."""
+        from runtime.engine.checkpoints import OrbaxCheckpoint, open_checkpoint
+        from runtime.engine.weights import load_weights
 
         with open_checkpoint(path) as ckpt:
             if isinstance(ckpt, OrbaxCheckpoint):
@@ -158,7 +158,7 @@ class Placement:
 
     def place(self, arrays: Mapping[str, Any]) -> dict:
         """Every weight on the mesh with its sharding (arrays already there are left as they are)."""
-        from runtime.weights import to_device
+        from runtime.engine.weights import to_device
 
         missing = sorted(set(self.weight_shardings) - set(arrays))
         if missing:
@@ -172,7 +172,7 @@ class Placement:
         import jax.numpy as jnp
         import orbax.checkpoint as ocp
 
-        from runtime.weights import check_config, plan_load
+        from runtime.engine.weights import check_config, plan_load
 
         check_config(ckpt.config, spec, source=ckpt.path)
         plan = plan_load(ckpt, spec)  # metadata only; names, shapes, float dtypes checked
