@@ -36,7 +36,7 @@ from runtime.tools.random_init import random_weights
 
 TINY_CFG = Mamba2Config(hidden_size=64, num_hidden_layers=2, vocab_size=96, state_size=16, head_dim=16,
                         chunk_size=8, name="tiny-errors")
-TINY_LIMITS = Limits(max_batch=4, max_prompt_tokens=32, max_new_tokens=16, max_stop_tokens=4)
+TINY_LIMITS = Limits(max_batch=4, max_prompt_tokens=32, max_new_tokens=16, max_stop_tokens=4, decode_block=16)
 PREFILL = "cpu/prefill.jaxexport"
 DECODE = "cpu/decode.jaxexport"
 

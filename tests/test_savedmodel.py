@@ -33,7 +33,7 @@ pytestmark = pytest.mark.skipif(
 
 CFG = Mamba2Config(hidden_size=64, num_hidden_layers=2, vocab_size=96, state_size=16, head_dim=16,
                    chunk_size=8, name="tiny-sm")
-LIMITS = Limits(max_batch=8, max_prompt_tokens=64, max_new_tokens=16, max_stop_tokens=4)
+LIMITS = Limits(max_batch=8, max_prompt_tokens=64, max_new_tokens=16, max_stop_tokens=4, decode_block=16)
 NEW = 12  # < LIMITS.max_new_tokens: the -1 padding after each row's count is visible
 PROMPT_LENS = (5, 16, 1, 11)  # ragged; the runtime buckets this batch to exactly [4, 16]
 SAMPLING = dict(temperature=1.0, top_k=20, top_p=0.9, min_p=0.0)

@@ -118,7 +118,6 @@ class Limits:
     manifest's limits read as decode_block = max_new_tokens, max_prefill_tokens = max_batch x
     max_prompt_tokens, max_context = None."""
 
-    vocab_size: int
     max_batch: int = 64
     max_prompt_tokens: int = 1 << 20  # per request; longer prompts run as several prefill calls
     max_new_tokens: int = 1 << 16  # per request; decoded decode_block tokens per device call
@@ -126,6 +125,7 @@ class Limits:
     decode_block: int = 256
     max_prefill_tokens: int = 8192  # batch x length of one prefill call (its memory)
     max_context: int | None = None  # tokens one sequence may hold (None: unbounded, an SSM state)
+    vocab_size: int = 0  # the model's (an exporter's limits leave it 0: the manifest gets the model's)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
