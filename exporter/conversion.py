@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.atomic import atomic_directory
-from runtime.checkpoints import Checkpoint, open_checkpoint
+from runtime.tools.atomic import atomic_directory
+from runtime.engine.checkpoints import Checkpoint, open_checkpoint
 from runtime.errors import ExportError, WeightsError
 
 from exporter.config import ConfigError, Mamba2Config

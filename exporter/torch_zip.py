@@ -18,7 +18,7 @@ import zipfile
 from pathlib import Path
 import numpy as np
 
-from runtime.checkpoints import Checkpoint, _shard_path
+from runtime.engine.checkpoints import Checkpoint, _shard_path
 from runtime.errors import WeightsError
 
 from exporter.statedict_reader import Refused, StorageRef, StorageType, read_state_dict

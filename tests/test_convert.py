@@ -22,7 +22,7 @@ from exporter.config import PRESETS, load_config
 from exporter.conversion import plan
 from exporter.params import weight_spec
 from runtime.errors import WeightsError
-from runtime.weights import check_config
+from runtime.engine.weights import check_config
 from test_errors_api import isolated_compile_cache  # noqa: F401  (autouse fixture)
 from test_errors_cli import cli, error_line
 
@@ -58,34 +58,94 @@ def _convert(capfd, src, out, *extra) -> str:
     return stdout
 
 
+def _main(*args) -> None:
+    """`mamba2-aot ARGS` in-process, which must succeed (output left to pytest's capture)."""
+    from runtime.tools.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in args])
+    assert e.value.code == 0, args
+
+
+@pytest.fixture(scope="module")
+def converted(sources, tmp_path_factory) -> dict:
+    """{variant: (HF model, mamba_ssm dir, converted dir, artifact)}: the artifact is exported from
+    the mamba_ssm config itself; the converted dir holds its weights."""
+    out = {}
+    for name, (model, src) in sources.items():
+        root = tmp_path_factory.mktemp(f"converted-{name}")
+        _main("convert-checkpoint", src, root / "hf")
+        _main("export", "--model", src, "--out", root / "art", "--max-batch", "1", "--max-prompt-tokens", "32",
+              "--max-new-tokens", str(NEW_TOKENS))
+        out[name] = (model, src, root / "hf", root / "art")
+    return out
+
+
 # ---------------------------------------------------------------- end to end against HF
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_convert_export_generate_gives_hf_tokens(variant, sources, capfd, tmp_path):
+def test_convert_export_generate_gives_hf_tokens(variant, converted, capfd):
     import hf_reference
     import torch
     from transformers import Mamba2ForCausalLM
 
-    model, src = sources[variant]
-    out = tmp_path / "hf"
-    stdout = _convert(capfd, src, out)
-    assert "converted mamba_ssm checkpoint" in stdout and "vocab 208" in stdout and "--tokenizer" in stdout
+    model, src, out, art = converted[variant]
     # transformers itself loads the result as the model it came from
     reloaded = Mamba2ForCausalLM.from_pretrained(out).eval()
     ids = torch.tensor([PROMPT])
     with torch.no_grad():
         np.testing.assert_array_equal(reloaded(ids).logits.numpy(), model(ids).logits.numpy())
-    # the artifact is exported from the mamba_ssm config itself; the weights are the converted ones
-    art = tmp_path / "art"
-    code, _, err = cli(capfd, "export", "--model", src, "--out", art, "--max-batch", "1",
-                       "--max-prompt-tokens", "32", "--max-new-tokens", str(NEW_TOKENS))
-    assert code == 0, err
     code, stdout, err = cli(capfd, "generate", art, "--weights", out, "--prompt-ids", ",".join(map(str, PROMPT)),
                             "--max-new-tokens", str(NEW_TOKENS), "--json")
     assert code == 0, err
     expected, _ = hf_reference.hf_greedy(model, PROMPT, NEW_TOKENS)
     assert json.loads(stdout)["tokens"] == [expected]
+
+
+def test_convert_reports_what_it_wrote(sources, capfd, tmp_path):
+    stdout = _convert(capfd, sources["groups2-untied"][1], tmp_path / "out")
+    assert "converted mamba_ssm checkpoint" in stdout and "36 tensors" in stdout and "vocab 208" in stdout
+    assert "3 layers" in stdout and "untied head" in stdout and "--tokenizer" in stdout
+
+
+def test_loading_the_pickled_checkpoint_points_to_convert(converted, capfd):
+    _, src, _, art = converted["tied"]
+    code, out, err = cli(capfd, "generate", art, "--weights", src, "--prompt-ids", "1,2")
+    error_line(code, err, "never loaded", f"mamba2-aot convert-checkpoint {src} OUT")
+    code, out, err = cli(capfd, "generate", art, "--weights", src / "pytorch_model.bin", "--prompt-ids", "1,2")
+    error_line(code, err, f"mamba2-aot convert-checkpoint {src / 'pytorch_model.bin'} OUT")
+
+
+def _word_tokenizer(path: Path) -> Path:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["[UNK]", "hello", "world", "the", "mamba", "snake", "state", "space"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path))
+    return path
+
+
+def test_generate_takes_a_tokenizer_for_checkpoints_without_one(converted, capfd, tmp_path):
+    _, _, out, art = converted["tied"]
+    tok = _word_tokenizer(tmp_path / "neox" / "tokenizer.json")
+    common = ["--weights", out, "--max-new-tokens", "8", "--json"]
+    code, stdout, err = cli(capfd, "generate", art, "--prompt", "hello mamba state space", *common)
+    error_line(code, err, "--prompt needs the checkpoint's tokenizer.json", "--tokenizer PATH")
+    code, by_ids, err = cli(capfd, "generate", art, "--prompt-ids", "1,4,6,7", *common)
+    assert code == 0, err
+    for where in (tok, tok.parent):  # the file, or a directory holding it
+        code, by_text, err = cli(capfd, "generate", art, "--prompt", "hello mamba state space", "--tokenizer", where,
+                                 *common)
+        assert code == 0, err
+        assert json.loads(by_text) == json.loads(by_ids)
+    code, stdout, err = cli(capfd, "generate", art, "--prompt-ids", "1,4", "--tokenizer", tok, *common[:-1])
+    assert code == 0 and stdout.startswith("[0] ") and all(w.isalpha() or w == "[UNK]" for w in stdout[4:].split())
+    for bad, needle in ((tmp_path / "nope.json", "no such file"), (tmp_path, "no tokenizer.json in that directory")):
+        code, _, err = cli(capfd, "generate", art, "--prompt", "hello", "--tokenizer", bad, *common)
+        error_line(code, err, f"--tokenizer {bad}", needle)
 
 
 def test_converted_directory_is_hf_format(sources, capfd, tmp_path):
