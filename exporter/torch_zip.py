@@ -16,6 +16,7 @@ import re
 import struct
 import zipfile
 from pathlib import Path
+
 import numpy as np
 
 from runtime.engine.checkpoints import Checkpoint, _shard_path
@@ -25,6 +26,8 @@ from exporter.statedict_reader import Refused, StorageRef, StorageType, read_sta
 
 MAX_PKL_BYTES = 64 << 20  # data.pkl of a 10k-tensor state dict is ~1 MB
 _KEY = re.compile(r"[A-Za-z0-9_]+\Z")
+# What zipfile raises on damaged or unusual archives (RuntimeError: encrypted members).
+_ZIP_ERRORS = (OSError, EOFError, ValueError, RuntimeError, NotImplementedError, zipfile.BadZipFile)
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature ... file name length, extra field length
 
 
@@ -57,7 +60,7 @@ class TorchZipCheckpoint(Checkpoint):
         except Refused as e:
             raise WeightsError(f"{self.path}: refusing to read it: {e} (only tensors are read; nothing in it "
                                "was run)") from None
-        except (OSError, zipfile.BadZipFile, EOFError) as e:
+        except _ZIP_ERRORS as e:
             raise WeightsError(f"cannot read {self.path}: {e}; re-download it") from None
         self._meta = {n: (t.shape, t.storage.dtype) for n, t in self._tensors.items()}
         self._map: np.memmap | None = None
@@ -127,8 +130,11 @@ class TorchZipCheckpoint(Checkpoint):
     def _storage_array(self, ref: StorageRef) -> np.ndarray:
         info = self._records[f"data/{ref.key}"]
         if info.compress_type != zipfile.ZIP_STORED:  # torch.save never compresses; other writers might
-            with zipfile.ZipFile(self.path) as zf, zf.open(info) as f:
-                raw = f.read(info.file_size + 1)
+            try:
+                with zipfile.ZipFile(self.path) as zf, zf.open(info) as f:
+                    raw = f.read(info.file_size + 1)
+            except _ZIP_ERRORS as e:
+                raise WeightsError(f"cannot read storage {ref.key} of {self.path}: {e}; re-download it") from None
             if len(raw) != info.file_size:
                 raise WeightsError(f"{self.path}: storage {ref.key} does not have its recorded size: the file is corrupt")
             return np.frombuffer(raw, ref.dtype)
