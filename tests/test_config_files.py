@@ -182,3 +182,15 @@ def test_export_refuses_a_hybrid_config_in_one_line(tmp_path, capfd):
     code, _, err = cli(capfd, "export", "--model", d, "--out", tmp_path / "art")
     error_line(code, err, "hybrid mamba_ssm checkpoints are not supported yet", "attn_layer_idx")
     assert not (tmp_path / "art").exists()
+
+
+@pytest.mark.parametrize("case", ["no-d_model", "mamba1", "residual-bf16", "unknown-ssm-key"])
+def test_convert_refuses_a_bad_config_in_one_line(case, tmp_path, capfd):
+    edit, needles = MAMBA_SSM_REFUSED[case]
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(_edited(OFFICIAL, edit)))
+    (d / "pytorch_model.bin").write_bytes(b"never opened: the config is refused first")
+    code, _, err = cli(capfd, "convert-checkpoint", d, tmp_path / "out")
+    error_line(code, err, str(d / "config.json"), *needles)
+    assert not (tmp_path / "out").exists()
