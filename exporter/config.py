@@ -1,4 +1,4 @@
-"""Model configuration: the five mamba_ssm presets and any HF Mamba2 `config.json`."""
+"""Model configuration: the five mamba_ssm presets; config files are read by exporter.config_files."""
 
 from __future__ import annotations
 
@@ -85,14 +85,8 @@ def _json_float(v: float) -> float | str:
     return v if math.isfinite(v) else ("Infinity" if v > 0 else "-Infinity")
 
 
-def _hf_float(v) -> float:
-    """A number from config.json: plain, `Infinity`, or transformers 5's {"__float__": "Infinity"}."""
-    if isinstance(v, dict) and "__float__" in v:
-        v = v["__float__"]
-    return float(v)
-
-
-def _pad_vocab(n: int, multiple: int = 16) -> int:
+def pad_vocab(n: int, multiple: int) -> int:
+    """mamba_ssm's embedding size: the vocabulary rounded up to a multiple."""
     return -(-n // multiple) * multiple
 
 
@@ -105,57 +99,33 @@ _PRESET_SHAPES = {
     "2.7b": (2560, 64),
 }
 PRESETS: dict[str, Mamba2Config] = {
-    name: Mamba2Config(hidden_size=d, num_hidden_layers=n, vocab_size=_pad_vocab(50277), name=name)
+    name: Mamba2Config(hidden_size=d, num_hidden_layers=n, vocab_size=pad_vocab(50277, 16), name=name)
     for name, (d, n) in _PRESET_SHAPES.items()
 }
 
-# HF Mamba2Config keys we read, and the HF defaults used when a key is absent.
-_HF_DEFAULTS = {
-    "vocab_size": 32768, "hidden_size": 4096, "state_size": 128, "num_hidden_layers": 64,
-    "layer_norm_epsilon": 1e-5, "expand": 2, "conv_kernel": 4, "n_groups": 8, "use_bias": False,
-    "use_conv_bias": True, "residual_in_fp32": True, "chunk_size": 256, "tie_word_embeddings": False,
-    "head_dim": 64, "num_heads": 128, "time_step_limit": (0.0, math.inf), "time_step_min": 0.001,
-    "time_step_max": 0.1, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1,
-}
-
-
-def from_hf_config(hf: dict[str, Any], name: str = "custom") -> Mamba2Config:
-    """Map an HF `Mamba2Config` dict (as in `config.json`) onto ours."""
-    if hf.get("model_type", "mamba2") != "mamba2":
-        raise ConfigError(f"config.json has model_type {hf.get('model_type')!r}, expected 'mamba2'")
-    if hf.get("hidden_act", "silu") != "silu":
-        raise ConfigError(f"hidden_act {hf.get('hidden_act')!r} is not supported (only 'silu')")
-    if not hf.get("rms_norm", True):
-        raise ConfigError("rms_norm=false is not supported")
-    kw = {k: hf.get(k, default) for k, default in _HF_DEFAULTS.items()}
-    try:
-        kw["time_step_limit"] = tuple(_hf_float(v) for v in kw["time_step_limit"])
-    except (TypeError, ValueError):
-        raise ConfigError(f"time_step_limit {kw['time_step_limit']!r} is not a pair of numbers") from None
-    for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        if isinstance(kw[k], list):  # HF allows several eos ids; keep the first
-            kw[k] = kw[k][0] if kw[k] else None
-    try:
-        return Mamba2Config(name=name, **kw)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"unsupported Mamba2 config: {e}") from None
-
 
 def load_config(model: str) -> Mamba2Config:
-    """A preset name, a HF checkpoint directory, or a path to its `config.json`."""
+    """A preset name, a checkpoint directory, or a path to its config file: an HF or mamba_ssm
+    `config.json`, or mistral's `params.json` (read when a directory has no config.json)."""
+    from exporter.config_files import config_from_dict
+
     if model in PRESETS:
         return PRESETS[model]
     path = Path(model)
     if path.is_dir():
-        path = path / "config.json"
+        path = path / "config.json" if (path / "config.json").is_file() or not (path / "params.json").is_file() \
+            else path / "params.json"
     if not path.is_file():
         if path.suffix == ".json" or Path(model).exists() or "/" in model:
             raise ConfigError(f"no config.json at {path}")
-        raise ConfigError(f"unknown model {model!r}: use one of {', '.join(PRESETS)} or a HF checkpoint directory")
+        raise ConfigError(f"unknown model {model!r}: use one of {', '.join(PRESETS)} or a checkpoint directory")
     try:
-        hf = json.loads(path.read_text())  # Python's json reads HF's `Infinity`
+        d = json.loads(path.read_text())  # Python's json reads HF's `Infinity`
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read {path}: {e}") from None
-    if not isinstance(hf, dict):
+    if not isinstance(d, dict):
         raise ConfigError(f"{path} is not a JSON object")
-    return from_hf_config(hf, name=path.parent.name or "custom")
+    try:
+        return config_from_dict(d, name=path.parent.name or "custom", filename=path.name)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None

@@ -2,7 +2,7 @@
 
 Shapes and dtypes come from file headers and metadata alone; tensor data is read on demand.
 Never unpickles anything: a `.bin`/`.pt`-only checkpoint is refused with a pointer to
-converting it. Safetensors data is memory-mapped, so a read is a view of the file (no copy):
+`mamba2-aot convert-checkpoint`. Safetensors data is memory-mapped, so a read is a view of the file (no copy):
 the caller copies it once, into the buffer the device will use.
 """
 
@@ -317,11 +317,11 @@ def _read_json_config(file: Path) -> dict | None:
     return cfg
 
 
-def _pickle_refusal(what: str) -> WeightsError:
+def _pickle_refusal(what: str, src: Path) -> WeightsError:
     return WeightsError(
         f"{what} is a pickle-based PyTorch checkpoint (.bin/.pt), which is never loaded (unpickling runs "
-        "arbitrary code); convert it to safetensors first, e.g. with transformers: "
-        "Mamba2ForCausalLM.from_pretrained(dir).save_pretrained(out_dir) (safetensors is the default)"
+        f"arbitrary code); convert it to safetensors first: mamba2-aot convert-checkpoint {src} OUT "
+        "(a reader that can only build tensors; mamba_ssm and HF checkpoints), then load OUT"
     )
 
 
@@ -365,10 +365,10 @@ def open_checkpoint(path) -> Checkpoint:
         raise WeightsError(f"no checkpoint at {p}: no such file or directory")
     if p.is_file():
         if p.suffix in _PICKLE_SUFFIXES:
-            raise _pickle_refusal(str(p))
+            raise _pickle_refusal(str(p), p)
         if p.name.endswith(".index.json"):
             if p.name.startswith("pytorch_model"):
-                raise _pickle_refusal(str(p))
+                raise _pickle_refusal(str(p), p.parent)
             return _open_sharded(p.parent, p, _read_json_config(p.parent / HF_CONFIG))
         return SafetensorsCheckpoint(p, [p], None)
     if not p.is_dir():
@@ -388,6 +388,6 @@ def open_checkpoint(path) -> Checkpoint:
                            "pass the file to load, or add the index")
     pickles = sorted(f.name for f in p.iterdir() if f.suffix in _PICKLE_SUFFIXES or f.name.endswith(".bin.index.json"))
     if pickles:
-        raise _pickle_refusal(f"{p} ({', '.join(pickles[:3])})")
+        raise _pickle_refusal(f"{p} ({', '.join(pickles[:3])})", p)
     raise WeightsError(f"{p} has no {SAFETENSORS_SINGLE}, {SAFETENSORS_INDEX} or orbax checkpoint; "
                        "point at a HF checkpoint directory, a .safetensors file or a save_orbax directory")

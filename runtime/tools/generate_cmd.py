@@ -21,12 +21,20 @@ def _ids(values: tuple[str, ...]) -> list[list[int]]:
     return rows
 
 
-def _tokenizer(weights: Path | None):
-    """The checkpoint's tokenizer.json, loaded with HF `tokenizers`."""
-    path = None if weights is None else (weights if weights.is_dir() else weights.parent) / "tokenizer.json"
-    if path is None or not path.is_file():
-        where = "no --weights given" if weights is None else f"no tokenizer.json beside {weights}"
-        raise RequestError(f"--prompt needs the checkpoint's tokenizer.json ({where}): pass --prompt-ids instead")
+def _tokenizer(weights: Path | None, tokenizer: Path | None):
+    """--tokenizer (a tokenizer.json or a directory holding one), else the checkpoint's
+    tokenizer.json, loaded with HF `tokenizers`."""
+    if tokenizer is not None:
+        path = tokenizer / "tokenizer.json" if tokenizer.is_dir() else tokenizer
+        if not path.is_file():
+            raise RequestError(f"--tokenizer {tokenizer}: no such file" if not tokenizer.exists() else
+                               f"--tokenizer {tokenizer}: no tokenizer.json in that directory")
+    else:
+        path = None if weights is None else (weights if weights.is_dir() else weights.parent) / "tokenizer.json"
+        if path is None or not path.is_file():
+            where = "no --weights given" if weights is None else f"no tokenizer.json beside {weights}"
+            raise RequestError(f"--prompt needs the checkpoint's tokenizer.json ({where}): pass --tokenizer PATH "
+                               "or --prompt-ids instead")
     from tokenizers import Tokenizer
 
     try:
@@ -53,7 +61,8 @@ def _check_request(artifact, prompts, max_new_tokens, temperature, top_k, top_p,
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--weights", type=click.Path(path_type=Path),
               help="HF checkpoint dir, .safetensors file or orbax checkpoint [default: seeded random].")
-@click.option("--prompt", "texts", multiple=True, help="Prompt text (needs the checkpoint's tokenizer.json).")
+@click.option("--prompt", "texts", multiple=True,
+              help="Prompt text (needs --tokenizer or the checkpoint's tokenizer.json).")
 @click.option("--prompt-ids", "id_lists", multiple=True, help="Comma-separated token ids; repeat for a batch.")
 @click.option("--max-new-tokens", type=int, help="[default: 64, or the artifact's cap if smaller]")
 @click.option("--temperature", default=0.0, show_default=True, type=float, help="0 = greedy.")
@@ -67,14 +76,17 @@ def _check_request(artifact, prompts, max_new_tokens, temperature, top_k, top_p,
 @click.option("--stream", is_flag=True, help="Print tokens block by block as they are made.")
 @click.option("--block", default=16, show_default=True, type=int, help="Tokens per device call when streaming.")
 @click.option("--json", "as_json", is_flag=True, help='Print {"tokens": [[...], ...]}: new tokens per prompt.')
+@click.option("--tokenizer", "tokenizer_path", type=click.Path(path_type=Path),
+              help="A tokenizer.json (or a directory holding one) for checkpoints that ship none; "
+                   "encodes --prompt and decodes the output [default: the checkpoint's].")
 def generate_command(artifact, weights, texts, id_lists, max_new_tokens, temperature, top_k, top_p,
-                     min_p, seed, stop_ids, ignore_eos, stream, block, as_json):
+                     min_p, seed, stop_ids, ignore_eos, stream, block, as_json, tokenizer_path):
     """Generate from ARTIFACT with the compiled prefill and on-device decode loop."""
     from runtime.engine.model import load
 
     if bool(texts) == bool(id_lists):
         raise RequestError("give prompts with either --prompt or --prompt-ids (not both, not neither)")
-    tokenizer = _tokenizer(weights) if texts else None
+    tokenizer = _tokenizer(weights, tokenizer_path) if texts or tokenizer_path is not None else None
     prompts = [tokenizer.encode(t).ids for t in texts] if texts else _ids(id_lists)
     _check_request(artifact, prompts, max_new_tokens, temperature, top_k, top_p, min_p)
     # Compiles for this request's size while the weights load.
