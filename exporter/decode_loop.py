@@ -7,7 +7,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from exporter.sampling import greedy, needs_sort, sample, step_keys
+from exporter.sampling import TOP_K_CAP, greedy, needs_sort, sample, step_keys
 
 
 class Sampling(NamedTuple):
@@ -30,6 +30,7 @@ def decode_loop(
     sampling: Sampling,
     stop_ids: jax.Array,  # i32[b, S], -1 = unused slot
     capacity: int,
+    top_k_cap: int = TOP_K_CAP,
 ):
     """Generate up to budget[i] tokens for row i. Returns (tokens [b, capacity], counts [b],
     state, logits [b, V], finished [b]). Row i's new tokens are tokens[i, :counts[i]], stop token
@@ -65,10 +66,10 @@ def decode_loop(
 
         return run
 
-    sort, any_top_k = needs_sort(sampling.top_k, sampling.top_p), jnp.any(sampling.top_k > 0)
+    sort, any_top_k = needs_sort(sampling.top_k, sampling.top_p, top_k_cap), jnp.any(sampling.top_k > 0)
 
     def sampled(logits, i):
-        return sample(logits, step_keys(keys, steps + i), *sampling, sort, any_top_k)
+        return sample(logits, step_keys(keys, steps + i), *sampling, sort, any_top_k, top_k_cap)
 
     # The loop carries one buffer per layer (updated in place); stacked only at the boundary.
     init = (jnp.int32(0), out, counts, model.loop_carry(state), logits, finished)

@@ -54,7 +54,7 @@ def flatten_module(serialized: bytes) -> bytes:
                 for old, new in zip(call.results, results):
                     old.replace_all_uses_with(new)
                 call.erase()
-        kept = _referenced(module)  # e.g. chlo.top_k's `impl`: a decomposition, not a call
+        kept = _referenced(module)  # e.g. the chlo.top_k composite's decomposition: not a call
         for name, op in funcs.items():
             if name != "main" and name not in kept:
                 op.operation.erase()
@@ -73,7 +73,7 @@ def _referenced(module) -> set[str]:
 
     def visit(op):
         attrs = op.attributes
-        for key in list(attrs):
+        for key in list(attrs):  # e.g. a composite op's `decomposition`
             value = attrs[key]
             if isinstance(value, ir.FlatSymbolRefAttr):
                 names.add(value.value)

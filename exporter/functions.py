@@ -22,6 +22,7 @@ from exporter.config import Mamba2Config
 from exporter.decode_loop import Sampling, decode_loop
 from exporter.numerics import Numerics, for_platform
 from exporter.params import bind, param_shapes
+from exporter.sampling import TOP_K_CAP
 from exporter.state import state_shapes
 
 SEMANTICS_VERSION = 2
@@ -36,6 +37,7 @@ class ModelFunctions:
     limits: Limits
     devices: int = 1  # > 1: tensor-parallel over a ("model", devices) mesh (exporter.sharding)
     platform: str = "cpu"
+    top_k_cap: int = TOP_K_CAP  # 0: every top-k sorts (for consumers without lax.top_k's composite)
 
     @property
     def numerics(self) -> Numerics:
@@ -52,7 +54,7 @@ class ModelFunctions:
                temperature, top_k, top_p, min_p, stop_ids):
         sampling = Sampling(temperature, top_k, top_p, min_p)
         return decode_loop(self.model(params), state, logits, finished, budget, steps, keys,
-                           sampling, stop_ids, capacity=self.limits.decode_block)
+                           sampling, stop_ids, capacity=self.limits.decode_block, top_k_cap=self.top_k_cap)
 
     # Argument specs, with symbolic batch `b` and prompt length `t` where given as strings.
     def prefill_args(self, b="b", t="t"):

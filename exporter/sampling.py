@@ -15,10 +15,14 @@ key, so a row's token never depends on which path its batch took (rows are indep
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 TOP_K_CAP = 64  # top_k up to this runs through lax.top_k; a larger one takes the sorting path
+# (0 turns lax.top_k off: its `chlo.top_k` composite is newer than TF 2.21's StableHLO reader, so
+# the SavedModel export sorts for every top-k; the tokens are the same.)
 RNG_IMPL = "threefry2x32"  # pinned: never the process default
 
 
@@ -35,23 +39,24 @@ def greedy(logits: jax.Array) -> jax.Array:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
 
-def _top_k_floor(scaled, top_k):
+def _top_k_floor(scaled, top_k, cap: int = TOP_K_CAP):
     """[b, 1]: the k-th largest value per row via lax.top_k (k <= cap), -inf where top_k <= 0."""
-    cap = min(TOP_K_CAP, scaled.shape[-1])
+    cap = min(cap, scaled.shape[-1])
     best, _ = jax.lax.top_k(scaled, cap)  # [b, cap], descending
     kth = jnp.take_along_axis(best, jnp.clip(top_k - 1, 0, cap - 1)[:, None], axis=-1)
     return jnp.where(top_k[:, None] > 0, kth, -jnp.inf)
 
 
-def _keep_unsorted(scaled, top_k, top_p, min_p, any_top_k):
+def _keep_unsorted(scaled, top_k, top_p, min_p, any_top_k, cap: int = TOP_K_CAP):
     """Keep-mask [b, V] for rows without top-p (and top_k <= cap): two thresholds, no sort."""
-    floor = jax.lax.cond(any_top_k, _top_k_floor, lambda s, k: jnp.full((s.shape[0], 1), -jnp.inf),
-                         scaled, top_k)
+    none = jnp.full((scaled.shape[0], 1), -jnp.inf)
+    floor = jax.lax.cond(any_top_k, functools.partial(_top_k_floor, cap=cap), lambda s, k: none,
+                         scaled, top_k) if cap > 0 else none
     min_p_floor = jnp.max(scaled, axis=-1, keepdims=True) + jnp.log(min_p)[:, None]  # log 0 = -inf
     return scaled >= jnp.maximum(floor, min_p_floor)
 
 
-def _keep_sorted(scaled, top_k, top_p, min_p, any_top_k):
+def _keep_sorted(scaled, top_k, top_p, min_p, any_top_k, cap: int = TOP_K_CAP):
     """Keep-mask [b, V] through a full sort (top-p, or top_k beyond the cap)."""
     b, V = scaled.shape
     order = jnp.argsort(-scaled, axis=-1, stable=True)  # [b, V] token ids by falling value
@@ -67,17 +72,19 @@ def _keep_sorted(scaled, top_k, top_p, min_p, any_top_k):
     return jnp.zeros((b, V), bool).at[rows, order].set(keep)  # back to vocabulary order
 
 
-def sample(logits, keys, temperature, top_k, top_p, min_p, needs_sort, any_top_k):
+def sample(logits, keys, temperature, top_k, top_p, min_p, needs_sort, any_top_k, cap: int = TOP_K_CAP):
     """logits [b, V] f32, keys [b] typed keys, per-row settings [b] -> int32[b].
 
     temperature 0 means greedy for that row. needs_sort / any_top_k: loop-invariant bool scalars
-    (any row with top_p < 1 or top_k > TOP_K_CAP / any row with top_k > 0), decided once per call."""
+    (any row with top_p < 1 or top_k > cap / any row with top_k > 0), decided once per call; cap:
+    the static lax.top_k cap (0: always sort for top-k)."""
     scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]  # temperature, once
-    keep = jax.lax.cond(needs_sort, _keep_sorted, _keep_unsorted, scaled, top_k, top_p, min_p, any_top_k)
+    keep = jax.lax.cond(needs_sort, functools.partial(_keep_sorted, cap=cap), functools.partial(_keep_unsorted, cap=cap),
+                        scaled, top_k, top_p, min_p, any_top_k)
     drawn = jax.vmap(jax.random.categorical)(keys, jnp.where(keep, scaled, -jnp.inf)).astype(jnp.int32)
     return jnp.where(temperature > 0, drawn, greedy(logits))
 
 
-def needs_sort(top_k, top_p) -> jax.Array:
+def needs_sort(top_k, top_p, cap: int = TOP_K_CAP) -> jax.Array:
     """Whether any row needs the sorting path (top-p below 1, or top-k beyond the cap)."""
-    return jnp.any((top_p < 1.0) | (top_k > TOP_K_CAP))
+    return jnp.any((top_p < 1.0) | (top_k > cap))

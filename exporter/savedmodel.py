@@ -162,7 +162,7 @@ def build_module(cfg: Mamba2Config, params: Mapping, dtype, limits: Limits,
     """(tf.Module holding the weights as variables, {signature name: concrete function})."""
     tf, jax2tf = _import_tf()
     progress = progress or (lambda *a: None)
-    fns = ModelFunctions(cfg, jnp.dtype(dtype), limits)
+    fns = ModelFunctions(cfg, jnp.dtype(dtype), limits, top_k_cap=0)  # TF's StableHLO lacks lax.top_k's composite
     convert = dict(with_gradient=False, native_serialization_platforms=tuple(platforms))
     batch = (None, "(b, t)", "(b,)")  # params fixed; tokens [b, t], lengths [b]; the rest scalars
     gen_jax = jax2tf.convert(generate_fn(fns), polymorphic_shapes=batch + (None,) * 7, **convert)

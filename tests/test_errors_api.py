@@ -183,7 +183,7 @@ ARTIFACT_CASES: dict[str, Case] = {
                               ("not valid JSON",)),
     "manifest-not-utf8": Case(lambda a, s: (a / MANIFEST_NAME).write_bytes(b"\xff\xfe{}"), ArtifactError,
                               ("not UTF-8",)),
-    "manifest-newer-schema": Case(_schema(2), ArtifactError, ("newer mamba2-aot", "upgrade mamba2-aot")),
+    "manifest-newer-schema": Case(_schema(3), ArtifactError, ("newer mamba2-aot", "upgrade mamba2-aot")),
     "manifest-older-schema": Case(_schema(0), ArtifactError, ("no longer supported", "re-export")),
     "manifest-missing-field": Case(lambda a, s: edit_manifest(a, lambda m: m.pop("limits")), ArtifactError,
                                    ("missing field limits", "re-export")),

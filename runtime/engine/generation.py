@@ -95,8 +95,13 @@ def validate(model, prompts, max_new_tokens=64, *, temperature=0.0, top_k=0, top
         raise RequestError("this artifact cannot return states (semantics 1): re-export it with this mamba2-aot")
     eos = model.eos_id
     rows = []
+    slots = limits["max_stop_tokens"]
     for i, (prompt, start, extra) in enumerate(zip(prompts, starts, _stop_lists(stop, n))):
+        check_stop_ids(extra, limits)  # the caller's own ids first: their count, their range
         ids = list(extra) + ([eos] if eos is not None and not ignore_eos and eos not in list(extra) else [])
+        if len(ids) > slots:
+            raise RequestError(f"{len(extra)} stop tokens plus the model's eos id, over the artifact's limit "
+                               f"of {slots}: give at most {slots - 1}, or ignore_eos=True")
         history = tuple(prompt) if start is None else (start.tokens + tuple(prompt) if start.tokens is not None else None)
         row = Row(list(prompt), start, history, budgets[i], check_stop_ids(ids, limits))
         total = row.start_tokens + len(prompt) + row.max_new

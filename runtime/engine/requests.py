@@ -73,10 +73,8 @@ class RowSettings:
 
 
 def per_row(name: str, value, n: int) -> list:
-    """`value` for each of n rows: a scalar repeated, or a list of exactly n."""
-    if isinstance(value, (str, bytes)) or value is None:
-        raise RequestError(f"{name} must be a number or a list of {n}, got {value!r:.60}")
-    if isinstance(value, (Sequence, np.ndarray)):
+    """`value` for each of n rows: a scalar repeated (its own check judges it), or a list of n."""
+    if isinstance(value, (Sequence, np.ndarray)) and not isinstance(value, (str, bytes)):
         values = list(value)
         if len(values) != n:
             raise RequestError(f"{name} has {len(values)} values for {n} prompts: give one, or one per prompt")
@@ -133,7 +131,7 @@ def check_prompts(prompts, limits: dict, allow_empty: Sequence[bool] | None = No
 def check_new_tokens(n, limits: dict, what: str = "max_new_tokens") -> int:
     cap = limits["max_new_tokens"]
     if not is_int(n) or not 1 <= int(n) <= cap:
-        raise RequestError(f"{what} must be an integer in [1, {cap}] (the artifact's cap), got {n!r:.40}")
+        raise RequestError(f"{what} must be in [1, {cap}] (the artifact's cap), got {n!r:.40}")
     return int(n)
 
 

@@ -37,7 +37,7 @@ def row_keys(seed: int | Sequence[int], rows: int) -> np.ndarray:
             and all(_is_seed(s) for s in seed):
         seeds, per_row = [int(s) for s in seed], True
     else:
-        raise RequestError(f"seed must be an integer in [0, 2**64) or a list of {rows} of them, "
+        raise RequestError(f"seed must be an integer >= 0 (below 2**64) or a list of {rows} of them, "
                            f"got {seed!r:.60}")
     if per_row:
         return np.stack([seed_key(s) for s in seeds]) if rows else np.zeros((0, 2), np.uint32)

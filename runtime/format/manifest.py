@@ -308,7 +308,7 @@ def _check_header(d: dict) -> int:
             "upgrade mamba2-aot or re-export"
         )
     if sv < 1:
-        raise ArtifactError(f"manifest schema {sv} is not supported (this reads 1 and {SCHEMA_VERSION}): {_FIX}")
+        raise ArtifactError(f"manifest schema {sv} is no longer supported (this reads 1 and {SCHEMA_VERSION}): {_FIX}")
     return sv
 
 
