@@ -340,3 +340,17 @@ def test_manifest_and_inspect_state_the_semantics_and_memory(long_art):
 def _inspect(path, *args):
     r = run_cli("inspect", path, *args, env=subprocess_env(None))
     return r.returncode, r.stdout
+
+
+def test_rows_scatter_into_slots(tiny):
+    """Continuous batching's primitive: rows of one batch written into chosen slots of another."""
+    layout = tiny.model.state_layout
+    a = tiny.model.prefill_state(PROMPTS[0])
+    b = tiny.model.prefill_state(PROMPTS[1])
+    slots = layout.stack([None, None, None, None], 4)
+    rows = layout.stack([a.leaves, b.leaves], 2)
+    slots = layout.put(slots, rows, [3, 1])
+    got = [layout.take(slots, i) for i in range(4)]
+    for leaf_a, leaf_b, g1, g3, g0 in zip(a.leaves, b.leaves, got[1], got[3], got[0]):
+        assert np.array_equal(np.asarray(g3), np.asarray(leaf_a)) and np.array_equal(np.asarray(g1), np.asarray(leaf_b))
+        assert not np.asarray(g0).any()

@@ -110,6 +110,37 @@ class StateLayout:
         return self.nest(out)
 
 
+    def put(self, slots: Mapping, rows: Mapping, dest: Sequence[int]) -> dict:
+        """`slots` with row j of `rows` written into slot dest[j], for j < len(dest) (the slots'
+        buffers are donated: updated in place where XLA can; do not use `slots` afterwards)."""
+        import jax.numpy as jnp
+
+        dest = jnp.asarray(np.asarray(dest, np.int32))
+        out = [_put(a, r, dest, leaf.axis) for leaf, a, r in zip(self.leaves, self.flat(slots), self.flat(rows))]
+        return self.nest(out)
+
+
+def _put(slots, rows, dest, axis: int):
+    """slots with rows[..., j, ...] (along `axis`) at index dest[j]; jitted per shape, donated."""
+    global _PUT
+    if _PUT is None:
+        import functools
+
+        import jax
+
+        @functools.partial(jax.jit, static_argnums=3, donate_argnums=0)
+        def put(slots, rows, dest, axis):
+            rows = jax.lax.slice_in_dim(rows, 0, dest.shape[0], axis=axis)
+            index = (slice(None),) * axis + (dest,)
+            return slots.at[index].set(rows)
+
+        _PUT = put
+    return _PUT(slots, rows, dest, axis)
+
+
+_PUT = None
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class State:
     """One sequence's state after `num_tokens` tokens: a value, cheap to keep (a few MB).
@@ -138,8 +169,6 @@ class State:
     def save(self, path: str | Path) -> Path:
         """Write the state to a .safetensors file (load with `LoadedModel.load_state`)."""
         from safetensors.numpy import save_file
-
-        from runtime.engine.requests import RequestError as _  # noqa: F401  (same errors module)
 
         arrays = {f"leaf{i}": np.asarray(a) for i, a in enumerate(self.leaves)}
         arrays["logits"] = np.asarray(self.logits)
