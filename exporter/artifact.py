@@ -16,11 +16,15 @@ from runtime.format.integrity import file_record
 from runtime.format.manifest import FORMAT_NAME, SCHEMA_VERSION
 from runtime.tools.writers import write_manifest
 
-from exporter.functions import ModelFunctions
+from exporter.functions import SEMANTICS_VERSION, ModelFunctions
 from exporter.lowering import FUNCTIONS, export_all, serialization_version, signature
+from exporter.memory import prefill_activation_bytes
+from exporter.numerics import for_platform
 from exporter.params import weight_spec
+from exporter.state import state_bytes
 
 FILE_SUFFIX = ".jaxexport"
+PREFILL_SEGMENT = 2048  # the largest prompt bucket: longer prompts are prefilled in segments
 
 
 def _pow2_buckets(lo: int, hi: int) -> list[int]:
@@ -43,11 +47,14 @@ def compatibility_window(now: dt.datetime) -> dict:
 
 
 def build_manifest(fns: ModelFunctions, platforms, files: dict[str, dict], now: dt.datetime,
-                   calling_convention: int) -> dict:
+                   calling_convention: int, prefill_segment: int = PREFILL_SEGMENT) -> dict:
     cfg, limits = fns.cfg, fns.limits
+    segment = min(prefill_segment, limits.max_prompt_tokens, limits.max_prefill_tokens)
+    numerics = {p: for_platform(p, cfg.chunk_size, fns.dtype).to_dict() for p in platforms}
     return {
         "format": FORMAT_NAME,
         "schema_version": SCHEMA_VERSION,
+        "semantics_version": SEMANTICS_VERSION,
         "created": now.isoformat(timespec="seconds").replace("+00:00", "Z"),
         "producer": {"package": "mamba2-aot", "version": runtime.__version__,
                      "jax": jax.__version__, "jaxlib": jaxlib.__version__},
@@ -58,17 +65,18 @@ def build_manifest(fns: ModelFunctions, platforms, files: dict[str, dict], now: 
         "compatibility": compatibility_window(now),
         "platforms": list(platforms),
         "dtype": jnp.dtype(fns.dtype).name,
-        "model": {"architecture": "mamba2", "config": cfg.to_dict()},
-        "tokens": {"bos_id": cfg.bos_token_id, "eos_id": cfg.eos_token_id, "pad_id": cfg.pad_token_id},
-        "limits": {
-            "max_batch": limits.max_batch,
-            "max_prompt_tokens": limits.max_prompt_tokens,
-            "max_new_tokens": limits.max_new_tokens,
-            "max_stop_tokens": limits.max_stop_tokens,
-            "vocab_size": cfg.vocab_size,
+        "model": {
+            "architecture": "mamba2", "config": cfg.to_dict(),
+            "state": {"bytes_per_sequence": state_bytes(cfg, fns.dtype), "grows_with_length": False},
+            "numerics": numerics,
         },
+        "tokens": {"bos_id": cfg.bos_token_id, "eos_id": cfg.eos_token_id, "pad_id": cfg.pad_token_id},
+        "limits": {**limits.to_dict(), "vocab_size": cfg.vocab_size},
+        "memory": {"prefill_activation_bytes": max(
+            prefill_activation_bytes(cfg, fns.dtype, limits.max_prefill_tokens, n["chunk_size"],
+                                     limits.max_batch) for n in numerics.values())},
         "buckets": {
-            "prompt": _pow2_buckets(min(16, limits.max_prompt_tokens), limits.max_prompt_tokens),
+            "prompt": _pow2_buckets(min(16, segment), segment),
             "batch": _pow2_buckets(1, limits.max_batch),
         },
         "functions": {
@@ -96,7 +104,8 @@ def _rel(platform: str, name: str) -> str:
 
 
 def write_artifact(fns: ModelFunctions, platforms, out: Path, force: bool,
-                   progress: Callable[[str, str, int, float], None] = lambda *a: None) -> dict:
+                   progress: Callable[[str, str, int, float], None] = lambda *a: None,
+                   prefill_segment: int = PREFILL_SEGMENT) -> dict:
     """Export every (platform, function) and write the artifact atomically. Returns the manifest."""
     now = dt.datetime.now(dt.timezone.utc)
     files = {}
@@ -109,7 +118,7 @@ def write_artifact(fns: ModelFunctions, platforms, out: Path, force: bool,
             path.write_bytes(blob)
             files[_rel(platform, name)] = file_record(path)
             progress(platform, name, len(blob), seconds)
-        manifest = build_manifest(fns, platforms, files, now, calling_convention)
+        manifest = build_manifest(fns, platforms, files, now, calling_convention, prefill_segment)
         write_manifest(tmp, manifest)
     return manifest
 

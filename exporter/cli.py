@@ -9,8 +9,11 @@ import click
 
 from runtime.errors import ExportError
 
+from runtime.format.manifest import Limits
+
+from exporter.artifact import PREFILL_SEGMENT
 from exporter.config import ConfigError, load_config
-from exporter.functions import Limits, ModelFunctions
+from exporter.functions import ModelFunctions
 from exporter.lowering import PLATFORMS, resolve_dtype
 
 
@@ -36,16 +39,24 @@ def _positive(ctx, param, value):
                    "else seeded random].")
 @click.option("--version", "sm_version", default=1, show_default=True, callback=_positive, type=int,
               help="With --format savedmodel: the TF Serving version directory.")
-@click.option("--max-new-tokens", callback=_positive, type=int,
-              help=f"Decode buffer width [default: {Limits.max_new_tokens}; 256 for savedmodel].")
+@click.option("--max-new-tokens", default=Limits.max_new_tokens, show_default=True, callback=_positive,
+              type=int, help="New tokens one request may ask for (decoded decode-block tokens per device call).")
+@click.option("--decode-block", default=Limits.decode_block, show_default=True, callback=_positive, type=int,
+              help="Tokens one decode call makes at most (its output width; a savedmodel's most new tokens).")
 @click.option("--max-batch", default=Limits.max_batch, show_default=True, callback=_positive, type=int)
-@click.option("--max-prompt-tokens", default=Limits.max_prompt_tokens, show_default=True, callback=_positive, type=int)
+@click.option("--max-prompt-tokens", default=Limits.max_prompt_tokens, show_default=True, callback=_positive,
+              type=int, help="Prompt tokens one request may carry (prefilled in segments).")
+@click.option("--max-prefill-tokens", default=Limits.max_prefill_tokens, show_default=True, callback=_positive,
+              type=int, help="Batch x length of one prefill call: bounds its memory (inspect states it).")
+@click.option("--prefill-segment", default=PREFILL_SEGMENT, show_default=True, callback=_positive, type=int,
+              help="The longest prefill call for one row (the largest prompt bucket).")
 @click.option("--max-stop-tokens", default=Limits.max_stop_tokens, show_default=True, callback=_positive, type=int)
 @click.option("--devices", default=1, show_default=True, callback=_positive, type=int,
               help="Tensor-parallel over this many devices (mesh axis 'model'); the runtime needs exactly as many.")
 @click.option("--force", is_flag=True, help="Replace an existing artifact.")
-def export_command(model, platforms, out, dtype, fmt, weights, sm_version, max_new_tokens, max_batch,
-                   max_prompt_tokens, max_stop_tokens, devices, force):
+def export_command(model, platforms, out, dtype, fmt, weights, sm_version, max_new_tokens, decode_block,
+                   max_batch, max_prompt_tokens, max_prefill_tokens, prefill_segment, max_stop_tokens,
+                   devices, force):
     """Lower prefill and the on-device decode loop to jax.export artifacts (no weights needed)."""
     from exporter.artifact import write_artifact
 
@@ -55,9 +66,9 @@ def export_command(model, platforms, out, dtype, fmt, weights, sm_version, max_n
         raise ExportError(str(e)) from None
     platforms = tuple(dict.fromkeys(platforms))
     dt = resolve_dtype(dtype, platforms)
-    limits = Limits(max_batch=max_batch, max_prompt_tokens=max_prompt_tokens,
-                    max_new_tokens=max_new_tokens or (256 if fmt == "savedmodel" else Limits.max_new_tokens),
-                    max_stop_tokens=max_stop_tokens)
+    limits = Limits(vocab_size=cfg.vocab_size, max_batch=max_batch, max_prompt_tokens=max_prompt_tokens,
+                    max_new_tokens=max_new_tokens, max_stop_tokens=max_stop_tokens,
+                    decode_block=min(decode_block, max_new_tokens), max_prefill_tokens=max_prefill_tokens)
     if fmt == "savedmodel":
         from exporter.savedmodel import export_savedmodel
 
@@ -87,7 +98,8 @@ def export_command(model, platforms, out, dtype, fmt, weights, sm_version, max_n
         click.echo(f"  [{platform}] {name:<8} {size / 1e3:9.1f} kB  {seconds:6.2f} s")
 
     t0 = time.perf_counter()
-    manifest = write_artifact(ModelFunctions(cfg, dt, limits, devices), platforms, out, force, progress)
+    manifest = write_artifact(ModelFunctions(cfg, dt, limits, devices), platforms, out, force, progress,
+                              prefill_segment)
     total = sum(r["bytes"] for r in manifest["files"].values())
     click.echo(f"wrote {len(manifest['files'])} files + manifest.json, {total / 1e6:.2f} MB, "
                f"in {time.perf_counter() - t0:.1f} s: {out}")

@@ -54,14 +54,33 @@ def flatten_module(serialized: bytes) -> bytes:
                 for old, new in zip(call.results, results):
                     old.replace_all_uses_with(new)
                 call.erase()
+        kept = _referenced(module)  # e.g. the chlo.top_k composite's decomposition: not a call
         for name, op in funcs.items():
-            if name != "main":
+            if name != "main" and name not in kept:
                 op.operation.erase()
         passmanager.PassManager.parse(_PIPELINE).run(module.operation)
         module.operation.verify()
         if str(funcs["main"].attributes["function_type"]) != main_type:
             raise RuntimeError("flattening changed main's signature")
         return _module_to_bytecode(module)
+
+
+def _referenced(module) -> set[str]:
+    """Names of functions that an op's attribute (not a func.call) refers to."""
+    from jaxlib.mlir import ir
+
+    names: set[str] = set()
+
+    def visit(op):
+        attrs = op.attributes
+        for key in list(attrs):  # e.g. a composite op's `decomposition`
+            value = attrs[key]
+            if isinstance(value, ir.FlatSymbolRefAttr):
+                names.add(value.value)
+        return ir.WalkResult.ADVANCE
+
+    module.operation.walk(visit)
+    return names
 
 
 def _calls(module) -> list:

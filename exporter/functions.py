@@ -1,9 +1,12 @@
 """The two functions every artifact holds, over plain dicts so they serialize without model code.
 
-prefill(params, tokens[b, t], lengths[b]) -> (logits[b, V], cache)
-decode(params, cache, logits[b, V], finished[b], budget[], start_step[], keys[b, 2],
-       temperature[], top_k[], top_p[], min_p[], stop_ids[S])
-    -> (tokens[b, capacity], counts[b], cache, logits[b, V], finished[b])
+prefill(params, state, tokens[b, t], lengths[b]) -> (logits[b, V], state)
+decode(params, state, logits[b, V], finished[b], budget[b], steps[b], keys[b, 2],
+       temperature[b], top_k[b], top_p[b], min_p[b], stop_ids[b, S])
+    -> (tokens[b, N], counts[b], state, logits[b, V], finished[b])
+
+(semantics version 2: the state goes in and out of both, every control is per row; N is the
+artifact's decode block, S its stop-id slots.)
 """
 
 from __future__ import annotations
@@ -13,25 +16,16 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from exporter.cache import Mamba2Cache, cache_shapes
+from runtime.format.manifest import Limits
+
 from exporter.config import Mamba2Config
 from exporter.decode_loop import Sampling, decode_loop
+from exporter.numerics import Numerics, for_platform
 from exporter.params import bind, param_shapes
+from exporter.sampling import TOP_K_CAP
+from exporter.state import state_shapes
 
-
-# SSD chunk on CPU: T=2048 prefill of 130m ran at 575 tok/s with 128, 472 with 256, 300 with 64
-# (README, performance). Accelerators keep the model's own chunk (256).
-CPU_CHUNK = 128
-
-
-@dataclasses.dataclass(frozen=True)
-class Limits:
-    """What one artifact accepts; the decode loop's output buffer is `max_new_tokens` wide."""
-
-    max_batch: int = 64
-    max_prompt_tokens: int = 8192
-    max_new_tokens: int = 4096
-    max_stop_tokens: int = 8
+SEMANTICS_VERSION = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,50 +37,51 @@ class ModelFunctions:
     limits: Limits
     devices: int = 1  # > 1: tensor-parallel over a ("model", devices) mesh (exporter.sharding)
     platform: str = "cpu"
+    top_k_cap: int = TOP_K_CAP  # 0: every top-k sorts (for consumers without lax.top_k's composite)
+
+    @property
+    def numerics(self) -> Numerics:
+        return for_platform(self.platform, self.cfg.chunk_size, self.dtype)
 
     def model(self, params):
-        """The nnx model over `params`, with this platform's kernel choices (same math everywhere)."""
-        cfg = self.cfg
-        if self.platform == "cpu" and cfg.chunk_size > CPU_CHUNK:
-            cfg = dataclasses.replace(cfg, chunk_size=CPU_CHUNK)
-        return bind(cfg, params, self.dtype, rowwise_decode=self.platform == "cpu")
+        """The nnx model over `params`, with this platform's numerics (same math everywhere)."""
+        return bind(self.cfg, params, self.dtype, self.numerics)
 
-    def prefill(self, params, tokens, lengths):
-        logits, cache = self.model(params).prefill(tokens, lengths)
-        return logits, cache.as_dict()
+    def prefill(self, params, state, tokens, lengths):
+        return self.model(params).prefill(state, tokens, lengths)
 
-    def decode(self, params, cache, logits, finished, budget, start_step, keys,
+    def decode(self, params, state, logits, finished, budget, steps, keys,
                temperature, top_k, top_p, min_p, stop_ids):
-        model = self.model(params)
         sampling = Sampling(temperature, top_k, top_p, min_p)
-        tokens, counts, cache, logits, finished = decode_loop(
-            model, Mamba2Cache.from_dict(cache), logits, finished, budget, start_step, keys,
-            sampling, stop_ids, capacity=self.limits.max_new_tokens)
-        return tokens, counts, cache.as_dict(), logits, finished
+        return decode_loop(self.model(params), state, logits, finished, budget, steps, keys,
+                           sampling, stop_ids, capacity=self.limits.decode_block, top_k_cap=self.top_k_cap)
 
     # Argument specs, with symbolic batch `b` and prompt length `t` where given as strings.
     def prefill_args(self, b="b", t="t"):
         b, t = _dims(b, t)
-        return (self.param_specs(), _sds((b, t), jnp.int32), _sds((b,), jnp.int32))
+        return (self.param_specs(), self.state_specs(b), _sds((b, t), jnp.int32), _sds((b,), jnp.int32))
 
     def decode_args(self, b="b"):
         (b,) = _dims(b)
         V, S = self.cfg.vocab_size, self.limits.max_stop_tokens
         f32, i32 = jnp.float32, jnp.int32
-        return (self.param_specs(), cache_shapes(self.cfg, b, self.dtype), _sds((b, V), f32),
-                _sds((b,), jnp.bool_), _sds((), i32), _sds((), i32), _sds((b, 2), jnp.uint32),
-                _sds((), f32), _sds((), i32), _sds((), f32), _sds((), f32), _sds((S,), i32))
+        return (self.param_specs(), self.state_specs(b), _sds((b, V), f32), _sds((b,), jnp.bool_),
+                _sds((b,), i32), _sds((b,), i32), _sds((b, 2), jnp.uint32),
+                _sds((b,), f32), _sds((b,), i32), _sds((b,), f32), _sds((b,), f32), _sds((b, S), i32))
 
     def param_specs(self):
         return param_shapes(self.cfg, self.dtype)
 
+    def state_specs(self, b):
+        return state_shapes(self.cfg, b, self.dtype)
+
 
 ARG_NAMES = {
-    "prefill": (("params", "tokens", "lengths"), ("logits", "cache")),
+    "prefill": (("params", "state", "tokens", "lengths"), ("logits", "state")),
     "decode": (
-        ("params", "cache", "logits", "finished", "budget", "start_step", "keys",
+        ("params", "state", "logits", "finished", "budget", "steps", "keys",
          "temperature", "top_k", "top_p", "min_p", "stop_ids"),
-        ("tokens", "counts", "cache", "logits", "finished"),
+        ("tokens", "counts", "state", "logits", "finished"),
     ),
 }
 

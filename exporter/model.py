@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from exporter.cache import Mamba2Cache
 from exporter.config import Mamba2Config
+from exporter.numerics import Numerics, reference
 from exporter.ssd import ssd_chunked, ssd_step
 
 F32 = jnp.float32
@@ -22,7 +22,7 @@ def _zeros(shape, dtype):
     return nnx.Param(jnp.zeros(shape, dtype))
 
 
-def matvec(x, w, out_dtype=None):
+def matvec(x, w, out_dtype=None, precision=None):
     """x [b, i] @ w[o, i].T -> [b, o] for small b (decode), streaming w once.
 
     XLA CPU's GEMM is slow for 1 < b <= 8 (it re-reads w per row); a broadcast multiply
@@ -33,7 +33,7 @@ def matvec(x, w, out_dtype=None):
     x = x.astype(w.dtype)
 
     def dot(_):
-        return jnp.einsum("bi,oi->bo", x, w, preferred_element_type=out_dtype)
+        return jnp.einsum("bi,oi->bo", x, w, preferred_element_type=out_dtype, precision=precision)
 
     def rows(_):
         acc = jnp.float32 if out_dtype is None else out_dtype
@@ -46,16 +46,18 @@ def matvec(x, w, out_dtype=None):
 class Linear(nnx.Module):
     """y = x @ weight.T (+ bias); weight [out, in] as in PyTorch."""
 
-    def __init__(self, d_in: int, d_out: int, bias: bool, dtype, rowwise_decode: bool = False):
+    def __init__(self, d_in: int, d_out: int, bias: bool, dtype, numerics: Numerics):
         self.weight = _zeros((d_out, d_in), dtype)
         self.bias = _zeros((d_out,), dtype) if bias else None
-        self.rowwise_decode = rowwise_decode
+        self.rowwise_decode = numerics.decode_matvec == "rowwise"
+        self.precision = numerics.precision("matmul")
 
     def __call__(self, x):
         if self.rowwise_decode and x.ndim == 2:
             y = matvec(x, self.weight[...])
         else:
-            y = jnp.einsum("...i,oi->...o", x.astype(self.weight.dtype), self.weight[...])
+            y = jnp.einsum("...i,oi->...o", x.astype(self.weight.dtype), self.weight[...],
+                           precision=self.precision)
         return y if self.bias is None else y + self.bias[...]
 
 
@@ -94,15 +96,16 @@ class Conv1d(nnx.Module):
 class Mixer(nnx.Module):
     """The Mamba-2 mixer: in_proj -> causal conv -> SSD -> gated norm -> out_proj."""
 
-    def __init__(self, cfg: Mamba2Config, dtype, rowwise: bool = False):
+    def __init__(self, cfg: Mamba2Config, dtype, numerics: Numerics):
         self.cfg = cfg
-        self.in_proj = Linear(cfg.hidden_size, cfg.in_proj_size, cfg.use_bias, dtype, rowwise)
+        self.numerics = numerics
+        self.in_proj = Linear(cfg.hidden_size, cfg.in_proj_size, cfg.use_bias, dtype, numerics)
         self.conv1d = Conv1d(cfg.conv_dim, cfg.conv_kernel, cfg.use_conv_bias, dtype)
         self.dt_bias = _zeros((cfg.num_heads,), dtype)
         self.A_log = _zeros((cfg.num_heads,), dtype)
         self.D = _zeros((cfg.num_heads,), dtype)
         self.norm = RMSNorm(cfg.intermediate_size, cfg.layer_norm_epsilon, dtype, groups=cfg.n_groups)
-        self.out_proj = Linear(cfg.intermediate_size, cfg.hidden_size, cfg.use_bias, dtype, rowwise)
+        self.out_proj = Linear(cfg.intermediate_size, cfg.hidden_size, cfg.use_bias, dtype, numerics)
 
     def _split(self, zxbcdt):
         c = self.cfg
@@ -133,13 +136,16 @@ class Mixer(nnx.Module):
         y = self.norm(y.reshape(*y.shape[:-2], -1), gate=z)
         return self.out_proj(y)
 
-    def __call__(self, h, valid, lengths):
-        """Prefill. h [b, t, d]; valid [b, t] bool; lengths [b]. Returns (out [b, t, d], conv, ssm)."""
+    def __call__(self, h, valid, lengths, conv_state, ssm_state):
+        """Prefill continuing from a state. h [b, t, d]; valid [b, t] bool; lengths [b];
+        conv_state [b, K-1, ch] (the conv inputs before position 0); ssm_state [b, h, p, n].
+        Returns (out [b, t, d], conv_state, ssm_state) after each row's own valid tokens; a row
+        with length 0 gets its incoming state back."""
         K = self.cfg.conv_kernel
         z, xbc, dt = self._split(self.in_proj(h))
-        xbc = xbc.astype(F32)
+        xbc = jnp.where(valid[..., None], xbc.astype(F32), 0.0)  # [b, t, ch]: padding feeds nothing
         b, t, ch = xbc.shape
-        padded = jnp.pad(xbc, [(0, 0), (K - 1, 0), (0, 0)])  # [b, K-1+t, ch]
+        padded = jnp.concatenate([conv_state.astype(F32), xbc], axis=1)  # [b, K-1+t, ch]: the window continues
         taps = self.conv1d.taps()  # [K, ch]
         conv = sum(padded[:, k : k + t] * taps[k] for k in range(K))
         conv = jax.nn.silu(self.conv1d.add_bias(conv))  # [b, t, ch]
@@ -149,11 +155,16 @@ class Mixer(nnx.Module):
 
         x, B, C, dt, A = self._ssm_inputs(conv, dt)
         dt = jnp.where(valid[..., None], dt, 0.0)  # padded steps leave the state untouched
-        y, ssm_state = ssd_chunked(x, dt, A, B, C, self.cfg.chunk_size)
+        x = jnp.where(valid[..., None, None], x, 0.0)  # and add nothing, even from non-finite values
+        nm = self.numerics
+        y, ssm_state = ssd_chunked(x, dt, A, B, C, nm.chunk_size, ssm_state, nm.segment_sum,
+                                   nm.precision("state"), nm.precision("intra"))
         return self._output(y, x, z), conv_state.astype(self.conv1d.weight.dtype), ssm_state
 
-    def step(self, h, conv_state, ssm_state):
-        """One token. h [b, d]; conv_state [b, K-1, ch]; ssm_state [b, h, p, n]."""
+    def step(self, h, conv_state, ssm_state, active):
+        """One token. h [b, d]; conv_state [b, K-1, ch]; ssm_state [b, h, p, n]; active [b] bool.
+        Inactive rows are frozen: dt = 0 returns their SSM state as it was (no extra pass over
+        it) and their conv window is kept."""
         z, xbc, dt = self._split(self.in_proj(h))
         window = jnp.concatenate([conv_state.astype(F32), xbc.astype(F32)[:, None]], axis=1)  # [b, K, ch]
         # The K taps summed one by one: an einsum becomes one tiny dot per channel, and a
@@ -162,24 +173,26 @@ class Mixer(nnx.Module):
         conv = sum(window[:, k] * taps[k] for k in range(taps.shape[0]))  # [b, ch]
         conv = jax.nn.silu(self.conv1d.add_bias(conv))
         x, B, C, dt, A = self._ssm_inputs(conv, dt)
-        y, ssm_state = ssd_step(ssm_state, x, dt, A, B, C)
-        return self._output(y, x, z), window[:, 1:].astype(conv_state.dtype), ssm_state
+        dt = jnp.where(active[:, None], dt, 0.0)  # [b, h]
+        y, ssm_state = ssd_step(ssm_state, x, dt, A, B, C, self.numerics.precision("state"))
+        conv_state = jnp.where(active[:, None, None], window[:, 1:].astype(conv_state.dtype), conv_state)
+        return self._output(y, x, z), conv_state, ssm_state
 
 
 class Block(nnx.Module):
     """Pre-norm residual block around a mixer; the residual stream stays float32."""
 
-    def __init__(self, cfg: Mamba2Config, dtype, rowwise: bool = False):
+    def __init__(self, cfg: Mamba2Config, dtype, numerics: Numerics):
         self.norm = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon, dtype)
-        self.mixer = Mixer(cfg, dtype, rowwise)
+        self.mixer = Mixer(cfg, dtype, numerics)
         self.dtype = dtype
 
-    def __call__(self, resid, valid, lengths):
-        out, conv, ssm = self.mixer(self.norm(resid).astype(self.dtype), valid, lengths)
+    def __call__(self, resid, valid, lengths, conv, ssm):
+        out, conv, ssm = self.mixer(self.norm(resid).astype(self.dtype), valid, lengths, conv, ssm)
         return resid + out.astype(F32), conv, ssm
 
-    def step(self, resid, conv, ssm):
-        out, conv, ssm = self.mixer.step(self.norm(resid).astype(self.dtype), conv, ssm)
+    def step(self, resid, conv, ssm, active):
+        out, conv, ssm = self.mixer.step(self.norm(resid).astype(self.dtype), conv, ssm, active)
         return resid + out.astype(F32), conv, ssm
 
 
@@ -192,69 +205,83 @@ class Embedding(nnx.Module):
 
 
 class Backbone(nnx.Module):
-    def __init__(self, cfg: Mamba2Config, dtype, rowwise: bool = False):
+    def __init__(self, cfg: Mamba2Config, dtype, numerics: Numerics):
         self.embeddings = Embedding(cfg.vocab_size, cfg.hidden_size, dtype)
-        self.layers = nnx.List([Block(cfg, dtype, rowwise) for _ in range(cfg.num_hidden_layers)])
+        self.layers = nnx.List([Block(cfg, dtype, numerics) for _ in range(cfg.num_hidden_layers)])
         self.norm_f = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon, dtype)
 
 
 class Mamba2LM(nnx.Module):
-    """Mamba-2 causal LM: prefill (chunked SSD), an O(1) decode step, and a full forward for tests."""
+    """Mamba-2 causal LM over a state dict (exporter.state): prefill from a state (chunked SSD),
+    an O(1) decode step with frozen rows, and a full forward for tests.
 
-    def __init__(self, cfg: Mamba2Config, dtype=F32, rowwise_decode: bool = False):
-        """rowwise_decode: decode-step matmuls as row-streaming reductions (fast on CPU at b > 1)."""
+    The decode loop (exporter.decode_loop) uses prefill, loop_carry, state_dict and step only."""
+
+    def __init__(self, cfg: Mamba2Config, dtype=F32, numerics: Numerics | None = None):
+        """numerics: per-platform kernel choices (exporter.numerics); default: the reference."""
         self.cfg = cfg
         self.dtype = dtype
-        self.rowwise_decode = rowwise_decode
-        self.backbone = Backbone(cfg, dtype, rowwise_decode)
-        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, False, dtype)
+        self.numerics = numerics or reference(cfg.chunk_size)
+        self.backbone = Backbone(cfg, dtype, self.numerics)
+        self.lm_head = (None if cfg.tie_word_embeddings
+                        else Linear(cfg.hidden_size, cfg.vocab_size, False, dtype, self.numerics))
 
     def logits(self, resid):
         """float32 logits from the residual stream [..., d]."""
         h = self.backbone.norm_f(resid).astype(self.dtype)
         w = self.backbone.embeddings.weight if self.lm_head is None else self.lm_head.weight
-        if self.rowwise_decode and h.ndim == 2:
-            return matvec(h, w[...], out_dtype=F32)
-        return jnp.einsum("...d,vd->...v", h, w[...], preferred_element_type=F32)
+        precision = self.numerics.precision("matmul")
+        if self.numerics.decode_matvec == "rowwise" and h.ndim == 2:
+            return matvec(h, w[...], out_dtype=F32, precision=precision)
+        return jnp.einsum("...d,vd->...v", h, w[...], preferred_element_type=F32, precision=precision)
 
-    def _run_layers(self, tokens, lengths):
-        """tokens [b, t]; lengths [b]. Returns residual [b, t, d], per-layer residuals, cache."""
+    def _run_layers(self, state, tokens, lengths):
+        """state dict; tokens [b, t]; lengths [b]. Returns residual [b, t, d], per-layer residuals,
+        the state after each row's valid tokens."""
         t = tokens.shape[1]
         valid = jnp.arange(t)[None, :] < lengths[:, None]  # [b, t]
+        tokens = jnp.where(valid, tokens, 0)  # padding never reaches the embedding (ids may be out of range)
         resid = self.backbone.embeddings(tokens).astype(F32)  # [b, t, d]
         hidden, convs, ssms = [], [], []
-        for layer in self.backbone.layers:
-            resid, conv, ssm = layer(resid, valid, lengths)
+        for i, layer in enumerate(self.backbone.layers):
+            resid, conv, ssm = layer(resid, valid, lengths, state["conv"][i], state["ssm"][i])
             hidden.append(resid)
             convs.append(conv)
             ssms.append(ssm)
-        cache = Mamba2Cache(conv=jnp.stack(convs), ssm=jnp.stack(ssms))  # [L, b, ...]
-        return resid, hidden, cache
+        return resid, hidden, {"conv": jnp.stack(convs), "ssm": jnp.stack(ssms)}  # [L, b, ...]
 
-    def prefill(self, tokens, lengths):
-        """tokens [b, t] right-padded; lengths [b] in [0, t]. Returns (logits [b, V] at each row's
-        last token, cache after each row's own prompt)."""
-        resid, _, cache = self._run_layers(tokens, lengths)
+    def prefill(self, state, tokens, lengths):
+        """state (zeros: fresh rows); tokens [b, t] right-padded; lengths [b] in [0, t]. Returns
+        (logits [b, V] at each row's last token, the state after its tokens). A row of length 0
+        keeps its state (its logits are meaningless)."""
+        resid, _, state = self._run_layers(state, tokens, lengths)
         last = jnp.clip(lengths - 1, 0, None)
         resid_last = jnp.take_along_axis(resid, last[:, None, None], axis=1)[:, 0]  # [b, d]
-        return self.logits(resid_last), cache
+        return self.logits(resid_last), state
 
     def forward(self, tokens):
         """All-position logits [b, t, V] and each layer's output residual (tests and verify)."""
+        from exporter.state import empty_state
+
         b, t = tokens.shape
-        resid, hidden, cache = self._run_layers(tokens, jnp.full((b,), t, jnp.int32))
-        return self.logits(resid), hidden, cache
+        state = empty_state(self.cfg, b, self.dtype)
+        resid, hidden, state = self._run_layers(state, tokens, jnp.full((b,), t, jnp.int32))
+        return self.logits(resid), hidden, state
 
-    def step(self, tokens, cache: Mamba2Cache):
-        """tokens [b] -> (logits [b, V], cache): one O(1) recurrent step through every layer."""
-        logits, convs, ssms = self.step_layers(tokens, list(cache.conv), list(cache.ssm))
-        return logits, Mamba2Cache(conv=jnp.stack(convs), ssm=jnp.stack(ssms))
+    # -- the decode loop's protocol --------------------------------------------------------------
+    def loop_carry(self, state):
+        """The state as one buffer per layer: the loop updates each in place (restacking [L, ...]
+        arrays every token cost XLA a full state copy per step)."""
+        return {"conv": list(state["conv"]), "ssm": list(state["ssm"])}
 
-    def step_layers(self, tokens, convs: list, ssms: list):
-        """`step` over per-layer state lists ([b, ...] each). Loops carry the cache this way:
-        restacking [L, ...] arrays every token costs XLA a full cache copy per step."""
+    def state_dict(self, carry):
+        return {"conv": jnp.stack(carry["conv"]), "ssm": jnp.stack(carry["ssm"])}
+
+    def step(self, tokens, carry, active):
+        """tokens [b], carry from loop_carry, active [b] bool -> (logits [b, V], carry): one O(1)
+        recurrent step through every layer; inactive rows keep their state."""
         resid = self.backbone.embeddings(tokens).astype(F32)  # [b, d]
-        convs, ssms = list(convs), list(ssms)
+        convs, ssms = list(carry["conv"]), list(carry["ssm"])
         for i, layer in enumerate(self.backbone.layers):
-            resid, convs[i], ssms[i] = layer.step(resid, convs[i], ssms[i])
-        return self.logits(resid), convs, ssms
+            resid, convs[i], ssms[i] = layer.step(resid, convs[i], ssms[i], active)
+        return self.logits(resid), {"conv": convs, "ssm": ssms}

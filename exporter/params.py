@@ -16,6 +16,7 @@ from flax import nnx
 
 from exporter.config import Mamba2Config
 from exporter.model import Mamba2LM
+from exporter.numerics import Numerics
 
 # mamba_ssm checkpoints name the embedding `backbone.embedding`; HF `backbone.embeddings`.
 _ALIASES = {"backbone.embeddings.weight": ["backbone.embedding.weight"]}
@@ -35,8 +36,8 @@ def _path(name: str) -> tuple:
 
 
 @functools.lru_cache(maxsize=None)
-def _abstract(cfg: Mamba2Config, dtype_name: str, rowwise_decode: bool = False):
-    model = nnx.eval_shape(lambda: Mamba2LM(cfg, jnp.dtype(dtype_name), rowwise_decode))
+def _abstract(cfg: Mamba2Config, dtype_name: str, numerics: Numerics | None = None):
+    model = nnx.eval_shape(lambda: Mamba2LM(cfg, jnp.dtype(dtype_name), numerics))
     return nnx.split(model)
 
 
@@ -51,9 +52,10 @@ def param_shapes(cfg: Mamba2Config, dtype=jnp.float32) -> dict[str, jax.ShapeDty
 
 
 def bind(cfg: Mamba2Config, params: dict[str, jax.Array], dtype=jnp.float32,
-         rowwise_decode: bool = False) -> Mamba2LM:
-    """An nnx model over `params` (traceable: call inside jit/export)."""
-    graphdef, state = _abstract(cfg, jnp.dtype(dtype).name, rowwise_decode)
+         numerics: Numerics | None = None) -> Mamba2LM:
+    """An nnx model over `params` (traceable: call inside jit/export); numerics: the platform's
+    kernel choices (exporter.numerics.for_platform), default the reference ones."""
+    graphdef, state = _abstract(cfg, jnp.dtype(dtype).name, numerics)
     return merge_flat(graphdef, state, params)
 
 

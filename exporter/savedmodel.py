@@ -13,19 +13,19 @@ Signatures (every input is required; scalars are rank-0 tensors):
       tokens int32[b, t] (right-padded), lengths int32[b] (each in [1, t]),
       max_new_tokens int32[] (in [1, N])
       -> tokens int32[b, N]: row i's new tokens are tokens[i, :counts[i]] (eos included when
-         hit), then -1; counts int32[b].  N is the export's max_new_tokens (fixed: an output
+         hit), then -1; counts int32[b].  N is the export's decode block (fixed: an output
          shape cannot depend on an input value).
   sample: generate's inputs plus temperature f32[] (0 = greedy), top_k int32[] (0 = off),
       top_p f32[] (1 = off), min_p f32[] (0 = off), seed int64[] (>= 0) -> same outputs.
-      Row i draws with the key fold_in(PRNGKey(seed), i), computed inside the graph exactly like
+      Row i draws with the key fold_in(key(seed), i) (threefry; key(seed) = [seed >> 32, seed
+      mod 2**32], as jax builds it from a 64-bit seed), computed inside the graph exactly like
       `runtime.engine.rng.row_keys(seed, rows)`, so TF-only callers get the runtime's tokens.
-      Seeds are used modulo 2**32, as the runtime's (jax without x64) does.
   prefill: tokens int32[b, t], lengths int32[b]
       -> logits f32[b, V] (next-token logits after each prompt), cache_conv [L, b, K-1, C]
          (model dtype), cache_ssm f32[L, b, H, P, N]: the recurrent cache after the prompt.
 
 Inputs are checked in the graph (TF Serving answers a bad request with INVALID_ARGUMENT): token
-ids inside each row's length in [0, V), lengths in [1, t], max_new_tokens in [1, N] and the
+ids inside each row's length in [0, V) (the padded tail is ignored, whatever it holds), lengths in [1, t], max_new_tokens in [1, N] and the
 sampling ranges the runtime enforces. Batch size and prompt length are not capped (memory is).
 """
 
@@ -42,9 +42,13 @@ import numpy as np
 
 from runtime.errors import ExportError, Mamba2AOTError
 
+from runtime.format.manifest import Limits
+
 from exporter.config import Mamba2Config
-from exporter.functions import Limits, ModelFunctions
+from exporter.functions import ModelFunctions
 from exporter.params import param_shapes
+from exporter.sampling import RNG_IMPL
+from exporter.state import empty_state
 
 SIGNATURES = ("serving_default", "generate", "sample", "prefill")
 GENERATE_INPUTS = ("tokens", "lengths", "max_new_tokens")
@@ -66,22 +70,25 @@ def _import_tf():
 
 def generate_fn(fns: ModelFunctions):
     """(params, tokens[b, t], lengths[b], max_new_tokens[], temperature[], top_k[], top_p[],
-    min_p[], seed u32[]) -> {"tokens": i32[b, N] (-1 after counts), "counts": i32[b]}:
-    prefill, then the whole decode loop, stopping at the model's eos id."""
+    min_p[], seed_hi u32[], seed_lo u32[]) -> {"tokens": i32[b, N] (-1 after counts), "counts":
+    i32[b]}: prefill from a fresh state, then the whole decode loop, stopping at the model's eos."""
     cfg, limits = fns.cfg, fns.limits
 
-    def run(params, tokens, lengths, max_new_tokens, temperature, top_k, top_p, min_p, seed):
-        logits, cache = fns.prefill(params, tokens, lengths)
+    def run(params, tokens, lengths, max_new_tokens, temperature, top_k, top_p, min_p, seed_hi, seed_lo):
         b = tokens.shape[0]
-        base = jax.random.PRNGKey(seed)  # == runtime.engine.rng.row_keys: fold_in(PRNGKey(seed), row)
-        keys = jax.vmap(lambda row: jax.random.fold_in(base, row))(jnp.arange(b, dtype=jnp.int32))
-        stop_ids = jnp.full((limits.max_stop_tokens,), -1, jnp.int32)
+        logits, state = fns.prefill(params, empty_state(cfg, b, fns.dtype), tokens, lengths)
+        # == runtime.engine.rng.row_keys: row i's key is fold_in(key(seed), i)
+        base = jax.random.wrap_key_data(jnp.stack([seed_hi, seed_lo]), impl=RNG_IMPL)
+        keys = jax.vmap(lambda row: jax.random.key_data(jax.random.fold_in(base, row)))(
+            jnp.arange(b, dtype=jnp.int32))  # [b, 2]
+        stop_ids = jnp.full((b, limits.max_stop_tokens), -1, jnp.int32)
         if cfg.eos_token_id is not None:
-            stop_ids = stop_ids.at[0].set(cfg.eos_token_id)
-        finished = lengths <= 0
+            stop_ids = stop_ids.at[:, 0].set(cfg.eos_token_id)
+        row = lambda v, dtype: jnp.full((b,), v, dtype)  # noqa: E731 - a per-row copy of a setting
         out, counts, _, _, _ = fns.decode(
-            params, cache, logits, finished, max_new_tokens, jnp.int32(0), keys,
-            temperature, top_k, top_p, min_p, stop_ids)
+            params, state, logits, lengths <= 0, row(max_new_tokens, jnp.int32), row(0, jnp.int32),
+            keys, row(temperature, jnp.float32), row(top_k, jnp.int32), row(top_p, jnp.float32),
+            row(min_p, jnp.float32), stop_ids)
         out = jnp.where(jnp.arange(out.shape[1])[None, :] < counts[:, None], out, -1)
         return {"tokens": out, "counts": counts}
 
@@ -90,8 +97,8 @@ def generate_fn(fns: ModelFunctions):
 
 def prefill_fn(fns: ModelFunctions):
     def run(params, tokens, lengths):
-        logits, cache = fns.prefill(params, tokens, lengths)
-        return {"logits": logits, "cache_conv": cache["conv"], "cache_ssm": cache["ssm"]}
+        logits, state = fns.prefill(params, empty_state(fns.cfg, tokens.shape[0], fns.dtype), tokens, lengths)
+        return {"logits": logits, "cache_conv": state["conv"], "cache_ssm": state["ssm"]}
 
     return run
 
@@ -134,7 +141,7 @@ def _checks(tf, cfg: Mamba2Config, limits: Limits, tokens, lengths, max_new_toke
     ops.append(dbg.Assert(tf.reduce_all(in_vocab | ~valid),
                           [f"token ids must be in [0, {cfg.vocab_size})"]))
     if max_new_tokens is not None:
-        cap = limits.max_new_tokens
+        cap = limits.decode_block
         ops.append(dbg.Assert((max_new_tokens >= 1) & (max_new_tokens <= cap),
                               [f"max_new_tokens must be in [1, {cap}] (the export's cap)"]))
     if sampling is not None:
@@ -155,10 +162,10 @@ def build_module(cfg: Mamba2Config, params: Mapping, dtype, limits: Limits,
     """(tf.Module holding the weights as variables, {signature name: concrete function})."""
     tf, jax2tf = _import_tf()
     progress = progress or (lambda *a: None)
-    fns = ModelFunctions(cfg, jnp.dtype(dtype), limits)
+    fns = ModelFunctions(cfg, jnp.dtype(dtype), limits, top_k_cap=0)  # TF's StableHLO lacks lax.top_k's composite
     convert = dict(with_gradient=False, native_serialization_platforms=tuple(platforms))
     batch = (None, "(b, t)", "(b,)")  # params fixed; tokens [b, t], lengths [b]; the rest scalars
-    gen_jax = jax2tf.convert(generate_fn(fns), polymorphic_shapes=batch + (None,) * 6, **convert)
+    gen_jax = jax2tf.convert(generate_fn(fns), polymorphic_shapes=batch + (None,) * 7, **convert)
     pre_jax = jax2tf.convert(prefill_fn(fns), polymorphic_shapes=batch, **convert)
 
     module = tf.Module()
@@ -171,16 +178,18 @@ def build_module(cfg: Mamba2Config, params: Mapping, dtype, limits: Limits,
     # One inner function holds the converted loop; generate and sample both call it, so the
     # SavedModel stores its StableHLO once.
     @tf.function(autograph=False, input_signature=[
-        toks, lens, n, spec([], f32), spec([], i32), spec([], f32), spec([], f32), spec([], tf.uint32)])
-    def _loop(tokens, lengths, max_new_tokens, temperature, top_k, top_p, min_p, seed):
+        toks, lens, n, spec([], f32), spec([], i32), spec([], f32), spec([], f32), spec([], tf.uint32),
+        spec([], tf.uint32)])
+    def _loop(tokens, lengths, max_new_tokens, temperature, top_k, top_p, min_p, seed_hi, seed_lo):
         return gen_jax(module.params, tokens, lengths, max_new_tokens,
-                       temperature, top_k, top_p, min_p, seed)
+                       temperature, top_k, top_p, min_p, seed_hi, seed_lo)
 
     @tf.function(autograph=False, input_signature=[toks, lens, n])
     def generate(tokens, lengths, max_new_tokens):
         with tf.control_dependencies(_checks(tf, cfg, limits, tokens, lengths, max_new_tokens)):
+            zero = tf.constant(0, tf.uint32)
             return _loop(tokens, lengths, max_new_tokens, tf.constant(0.0), tf.constant(0),
-                         tf.constant(1.0), tf.constant(0.0), tf.constant(0, tf.uint32))
+                         tf.constant(1.0), tf.constant(0.0), zero, zero)
 
     @tf.function(autograph=False, input_signature=[
         toks, lens, n, spec([], f32, name="temperature"), spec([], i32, name="top_k"),
@@ -189,8 +198,10 @@ def build_module(cfg: Mamba2Config, params: Mapping, dtype, limits: Limits,
         checks = _checks(tf, cfg, limits, tokens, lengths, max_new_tokens,
                          (temperature, top_k, top_p, min_p, seed))
         with tf.control_dependencies(checks):
-            seed32 = tf.cast(tf.bitwise.bitwise_and(seed, 0xFFFFFFFF), tf.uint32)  # == jax's PRNGKey
-            return _loop(tokens, lengths, max_new_tokens, temperature, top_k, top_p, min_p, seed32)
+            # jax's threefry key of a 64-bit seed: [high 32 bits, low 32 bits]
+            hi = tf.cast(tf.bitwise.right_shift(seed, 32), tf.uint32)
+            lo = tf.cast(tf.bitwise.bitwise_and(seed, 0xFFFFFFFF), tf.uint32)
+            return _loop(tokens, lengths, max_new_tokens, temperature, top_k, top_p, min_p, hi, lo)
 
     @tf.function(autograph=False, input_signature=[toks, lens])
     def prefill(tokens, lengths):
@@ -270,11 +281,11 @@ def export_savedmodel(model: str, weights: str | None, out: Path, version: int, 
     t_start = time.perf_counter()
     version = _check_version(version)
     platforms = tuple(dict.fromkeys(platforms))
-    limits = limits or Limits()
     try:
         cfg = load_config(model)
     except ConfigError as e:
         raise ExportError(str(e)) from None
+    limits = limits or Limits(vocab_size=cfg.vocab_size, decode_block=256)
     from exporter.lowering import resolve_dtype
 
     dt = resolve_dtype(dtype, platforms)
@@ -294,7 +305,7 @@ def export_savedmodel(model: str, weights: str | None, out: Path, version: int, 
         raise ExportError(str(e)) from None
     param_bytes = sum(int(v.nbytes) for v in params.values())
     echo(f"exporting {cfg.name} ({cfg.num_hidden_layers} layers, d_model {cfg.hidden_size}) as a "
-         f"SavedModel, {dt.name} for {', '.join(platforms)}, up to {limits.max_new_tokens} new "
+         f"SavedModel, {dt.name} for {', '.join(platforms)}, up to {limits.decode_block} new "
          f"tokens -> {dest}")
 
     def progress(step, seconds):

@@ -38,7 +38,7 @@ from typing import Any
 import jax
 from jax.sharding import AbstractMesh, AxisType, NamedSharding, PartitionSpec
 
-from exporter.cache import cache_shapes
+from exporter.state import state_shapes
 from exporter.config import Mamba2Config
 from exporter.params import param_shapes
 
@@ -116,7 +116,7 @@ def plan(cfg: Mamba2Config, devices: int, dtype=jax.numpy.float32) -> ShardingPl
                for name, s in param_shapes(cfg, dtype).items()}
     cache = {name: _split(f"cache.{name}", s.shape, _CACHE_RULES[name], devices, fallbacks,
                           "[" + ", ".join(str(d) if i != 1 else "b" for i, d in enumerate(s.shape)) + "]")
-             for name, s in cache_shapes(cfg, 1, dtype).items()}  # dim 1 (batch) is never split
+             for name, s in state_shapes(cfg, 1, dtype).items()}  # dim 1 (batch) is never split
     return ShardingPlan(int(devices), weights, cache, tuple(fallbacks))
 
 
@@ -135,8 +135,8 @@ def function_shardings(p: ShardingPlan, name: str) -> tuple[tuple, tuple]:
     rep = NamedSharding(mesh, PartitionSpec())
     params = {k: ns(v) for k, v in p.weights.items()}
     cache = {k: ns(v) for k, v in p.cache.items()}
-    if name == "prefill":  # (params, tokens, lengths) -> (logits, cache)
-        return (params, rep, rep), (rep, cache)
+    if name == "prefill":  # (params, state, tokens, lengths) -> (logits, state)
+        return (params, cache, rep, rep), (rep, cache)
     if name == "decode":  # (params, cache, logits, ...9 small) -> (tokens, counts, cache, logits, finished)
         return (params, cache) + (rep,) * 10, (rep, rep, cache, rep, rep)
     raise ValueError(f"unknown function {name!r}")

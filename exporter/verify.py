@@ -9,10 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from runtime.engine.model import LoadedModel
-from runtime.engine.requests import SamplingParams, check_stop_ids, pad_batch
+from runtime.engine.requests import RowSettings, check_stop_ids, pad_batch
 
 from exporter.config import Mamba2Config
-from exporter.functions import Limits, ModelFunctions
+from exporter.functions import ModelFunctions
 
 # Max relative difference allowed (max |a - b| / max |b|): compiled and live run the same HLO,
 # so float32 differs only by compiler scheduling; bfloat16 gets bf16's resolution.
@@ -39,12 +39,12 @@ class VerifyReport:
 
 def live_functions(loaded: LoadedModel) -> ModelFunctions:
     m = loaded.manifest
-    limits = loaded.limits
-    return ModelFunctions(
-        Mamba2Config.from_dict(m.model["config"]), jnp.dtype(m.dtype),
-        Limits(max_batch=limits["max_batch"], max_prompt_tokens=limits["max_prompt_tokens"],
-               max_new_tokens=limits["max_new_tokens"], max_stop_tokens=limits["max_stop_tokens"]),
-        platform=loaded.platform)
+    if m.semantics_version != 2:
+        from runtime.errors import ArtifactError
+
+        raise ArtifactError("verify compares semantics-2 artifacts with the live model: re-export this one")
+    return ModelFunctions(Mamba2Config.from_dict(m.model["config"]), jnp.dtype(m.dtype), m.limits,
+                          platform=loaded.platform)
 
 
 def _diff(a, b) -> tuple[float, float]:
@@ -59,23 +59,25 @@ def verify(loaded: LoadedModel, steps: int = 64, seed: int = 0) -> VerifyReport:
     limits = loaded.limits
     rng = np.random.default_rng(seed)
     # A ragged batch whose longest prompt crosses an SSD chunk boundary on cpu (chunk 128).
-    lengths = sorted({1, 7, min(139, limits["max_prompt_tokens"])})[: limits["max_batch"]]
+    lengths = sorted({1, 7, min(139, limits["max_prompt_tokens"], loaded.buckets["prompt"][-1])})
+    lengths = lengths[: limits["max_batch"]]
     prompts = [rng.integers(0, limits["vocab_size"], n).tolist() for n in lengths]
     tokens, lens = pad_batch(prompts, loaded.buckets)
     B = tokens.shape[0]
-    steps = max(1, min(steps, limits["max_new_tokens"]))
-    greedy = SamplingParams()
+    steps = max(1, min(steps, limits["decode_block"]))
+    greedy = RowSettings.build(B)
     finished = np.arange(B) >= len(prompts)
     keys = np.zeros((B, 2), np.uint32)
-    stop = check_stop_ids(None, limits)
+    stop = np.tile(check_stop_ids(None, limits), (B, 1))  # [B, S]
+    budget, zero = np.full((B,), steps, np.int32), np.zeros((B,), np.int32)
 
     logits_a, state_a = loaded.prefill(tokens, lens)
-    out_a = loaded.decode(state_a, logits_a, finished, steps, 0, keys, greedy, stop)
+    out_a = loaded.decode(state_a, logits_a, finished, budget, zero, keys, greedy, stop)
 
     params = loaded.params
-    logits_b, state_b = jax.jit(fns.prefill)(params, tokens, lens)
-    out_b = jax.jit(fns.decode)(params, state_b, logits_b, finished, np.int32(steps), np.int32(0),
-                                keys, np.float32(0), np.int32(0), np.float32(1), np.float32(0), stop)
+    logits_b, state_b = jax.jit(fns.prefill)(params, loaded.empty_state(B), tokens, lens)
+    out_b = jax.jit(fns.decode)(params, state_b, logits_b, finished, budget, zero, keys, greedy.temperature,
+                                greedy.top_k, greedy.top_p, greedy.min_p, stop)
 
     n = len(prompts)
     la_abs, la_rel = _diff(logits_a[:n], logits_b[:n])

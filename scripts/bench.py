@@ -304,8 +304,8 @@ def model_spec(name: str, layers: int | None, label: str, a, work: Path) -> dict
     return {
         "label": label_full, "preset": name, "role": label, "cfg": cfg.to_dict(), "seed": a.seed,
         "weights_dir": str(base / "weights"), "artifact_dir": str(base / "artifact"),
-        "limits": {"max_batch": 64, "max_prompt_tokens": 8192, "max_new_tokens": max(4096, a.positions),
-                   "max_stop_tokens": 8},
+        "limits": {"max_batch": 64, "max_prompt_tokens": 1 << 20, "max_new_tokens": max(4096, a.positions),
+                   "max_stop_tokens": 8, "decode_block": max(*a.decode_tokens, a.block)},
         "repeats": a.repeats, "prompt_len": 16, "block": a.block,
         "prefill_T": a.prefill_tokens, "decode_B": a.decode_batches, "decode_n": a.decode_tokens,
         "hf_threads": a.hf_threads, "gemm_tokens": max(a.prefill_tokens),

@@ -28,12 +28,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from exporter.cache import empty_cache
 from exporter.config import PRESETS
 from exporter.functions import Limits, ModelFunctions
 from exporter.loading import load_params
 from exporter.model import Block
-from exporter.params import merge_flat
+from exporter.numerics import for_platform
+from exporter.params import bind, merge_flat
+from exporter.state import empty_state
 
 
 def timed(f, *args, repeat=5):
@@ -51,10 +52,11 @@ def decode_ms_per_token(fns: ModelFunctions, params, batch: int, donate: bool = 
     f = jax.jit(fns.decode, donate_argnums=(1,) if donate else ())
 
     def run(n):
-        cache = empty_cache(cfg, batch).as_dict()
-        args = (params, cache, jnp.zeros((batch, cfg.vocab_size)), jnp.zeros(batch, bool), np.int32(n),
-                np.int32(0), jnp.zeros((batch, 2), jnp.uint32), np.float32(0), np.int32(0),
-                np.float32(1), np.float32(0), -jnp.ones(fns.limits.max_stop_tokens, jnp.int32))
+        rows = lambda v, dt: np.full((batch,), v, dt)  # noqa: E731
+        args = (params, empty_state(cfg, batch), jnp.zeros((batch, cfg.vocab_size)), jnp.zeros(batch, bool),
+                rows(n, np.int32), rows(0, np.int32), jnp.zeros((batch, 2), jnp.uint32), rows(0, np.float32),
+                rows(0, np.int32), rows(1, np.float32), rows(0, np.float32),
+                -jnp.ones((batch, fns.limits.max_stop_tokens), jnp.int32))
         return f(*args)
 
     short = timed(lambda: run(4))
@@ -64,14 +66,17 @@ def decode_ms_per_token(fns: ModelFunctions, params, batch: int, donate: bool = 
 
 def lever_loop(cfg, params):
     """Unrolled layers over per-layer weights vs lax.scan over weights stacked [L, ...]."""
-    fns = ModelFunctions(cfg, jnp.float32, Limits(max_new_tokens=64))
+    fns = ModelFunctions(cfg, jnp.float32, Limits(max_new_tokens=64, decode_block=64))
     L = cfg.num_hidden_layers
-    graphdef, block_state = nnx.split(nnx.eval_shape(lambda: Block(cfg, jnp.float32, True)))
+    numerics = for_platform("cpu", cfg.chunk_size, jnp.float32)
+    graphdef, block_state = nnx.split(nnx.eval_shape(lambda: Block(cfg, jnp.float32, numerics)))
     suffixes = [".".join(map(str, p)) for p, _ in block_state.flat_state()]
     stacked = {s: jnp.stack([params[f"backbone.layers.{i}.{s}"] for i in range(L)]) for s in suffixes}
     rest = {k: v for k, v in params.items() if ".layers." not in k}
     # Embedding, final norm and head: the same model with no layers.
     shell = ModelFunctions(dataclasses.replace(cfg, num_hidden_layers=0), jnp.float32, Limits())
+
+    active = jnp.ones((1,), bool)
 
     def scan_step(rest, stacked, tok, conv, ssm):
         model = shell.model(rest)
@@ -79,21 +84,23 @@ def lever_loop(cfg, params):
 
         def body(resid, xs):
             layer_params, c, s = xs
-            resid, c, s = merge_flat(graphdef, block_state, layer_params).step(resid, c, s)
+            resid, c, s = merge_flat(graphdef, block_state, layer_params).step(resid, c, s, active)
             return resid, (c, s)
 
         resid, (conv, ssm) = jax.lax.scan(body, resid, (stacked, conv, ssm))
         return model.logits(resid), conv, ssm
 
     def unrolled_step(params, tok, conv, ssm):
-        logits, convs, ssms = fns.model(params).step_layers(tok, list(conv), list(ssm))
-        return logits, jnp.stack(convs), jnp.stack(ssms)
+        model = fns.model(params)
+        logits, carry = model.step(tok, model.loop_carry({"conv": conv, "ssm": ssm}), active)
+        state = model.state_dict(carry)
+        return logits, state["conv"], state["ssm"]
 
-    cache = empty_cache(cfg, 1)
+    cache = empty_state(cfg, 1)
     tok = jnp.zeros((1,), jnp.int32)
     out = {}
-    for name, f, args in (("unrolled", unrolled_step, (params, tok, cache.conv, cache.ssm)),
-                          ("scan", scan_step, (rest, stacked, tok, cache.conv, cache.ssm))):
+    for name, f, args in (("unrolled", unrolled_step, (params, tok, cache["conv"], cache["ssm"])),
+                          ("scan", scan_step, (rest, stacked, tok, cache["conv"], cache["ssm"]))):
         t0 = time.perf_counter()
         compiled = jax.jit(f).lower(*args).compile()
         compile_s = time.perf_counter() - t0
@@ -106,7 +113,7 @@ def lever_loop(cfg, params):
 def lever_matvec(cfg, params):
     out = {}
     for batch in (1, 4, 8):
-        limits = Limits(max_new_tokens=64)
+        limits = Limits(max_new_tokens=64, decode_block=64)
         row = decode_ms_per_token(ModelFunctions(cfg, jnp.float32, limits, platform="cpu"), params, batch)
         dot = decode_ms_per_token(ModelFunctions(cfg, jnp.float32, limits, platform="cuda"), params, batch)
         out[f"B={batch}"] = {"rowwise_ms": row, "dot_ms": dot}
@@ -116,18 +123,25 @@ def lever_matvec(cfg, params):
 def lever_chunk(cfg, params, T=2048):
     out = {}
     toks, lens = jnp.zeros((1, T), jnp.int32), jnp.array([T], jnp.int32)
+    state = empty_state(cfg, 1)
     for chunk in (64, 128, 256):
-        fns = ModelFunctions(dataclasses.replace(cfg, chunk_size=chunk), jnp.float32, Limits(), platform="gpu")
-        s = timed(jax.jit(fns.prefill), params, toks, lens, repeat=3)
+        numerics = dataclasses.replace(for_platform("cpu", cfg.chunk_size, jnp.float32), chunk_size=chunk)
+        prefill = jax.jit(lambda p, s, t, n: bind(cfg, p, jnp.float32, numerics).prefill(s, t, n))
+        s = timed(prefill, params, state, toks, lens, repeat=3)
         out[f"chunk={chunk}"] = {"seconds": s, "tok_per_s": T / s}
     return out
 
 
 def lever_lmhead(cfg, params):
     fns = ModelFunctions(cfg, jnp.float32, Limits())
-    cache = empty_cache(cfg, 1)
+    cache = empty_state(cfg, 1)
     tok = jnp.zeros((1,), jnp.int32)
-    full = timed(jax.jit(lambda p, t, c: fns.model(p).step(t, c)), params, tok, cache, repeat=10)
+
+    def step(p, t, c):
+        model = fns.model(p)
+        return model.step(t, model.loop_carry(c), t >= 0)
+
+    full = timed(jax.jit(step), params, tok, cache, repeat=10)
     h = jnp.ones((1, cfg.hidden_size))
     head = timed(jax.jit(lambda p, h: fns.model(p).logits(h)), params, h, repeat=10)
     return {"step_ms": full * 1e3, "lm_head_ms": head * 1e3, "share": head / full,
@@ -135,7 +149,7 @@ def lever_lmhead(cfg, params):
 
 
 def lever_donate(cfg, params):
-    fns = ModelFunctions(cfg, jnp.float32, Limits(max_new_tokens=64))
+    fns = ModelFunctions(cfg, jnp.float32, Limits(max_new_tokens=64, decode_block=64))
     return {f"B={b}": {"donated_ms": decode_ms_per_token(fns, params, b, donate=True),
                        "copied_ms": decode_ms_per_token(fns, params, b)} for b in (1, 8)}
 

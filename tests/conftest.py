@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from exporter.cache import Mamba2Cache, empty_cache
 from exporter.config import Mamba2Config
 from exporter.model import Mamba2LM
 from exporter.params import bind, param_shapes
+from exporter.state import empty_state
 
 
 # ---------------------------------------------------------------------------------------------
@@ -75,21 +75,27 @@ class JaxRunner:
         self._step = _jitted(graphdef, "step")
         self._forward = _jitted(graphdef, "forward")
 
-    def prefill(self, tokens, lengths=None) -> tuple[jax.Array, Mamba2Cache]:
+    def prefill(self, tokens, lengths=None, state=None) -> tuple[jax.Array, dict]:
+        """(logits [b, V], state): from `state` (default: fresh rows) over the tokens."""
         tokens = jnp.asarray(np.atleast_2d(np.asarray(tokens)), jnp.int32)
         if lengths is None:
             lengths = np.full((tokens.shape[0],), tokens.shape[1])
-        return self._prefill(self.state, tokens, jnp.asarray(lengths, jnp.int32))
+        if state is None:
+            state = self.empty_state(tokens.shape[0])
+        return self._prefill(self.state, state, tokens, jnp.asarray(lengths, jnp.int32))
 
-    def step(self, tokens, cache: Mamba2Cache) -> tuple[jax.Array, Mamba2Cache]:
-        return self._step(self.state, jnp.asarray(tokens, jnp.int32), cache)
+    def step(self, tokens, state: dict, active=None) -> tuple[jax.Array, dict]:
+        """One decode step over a state dict (every row active unless `active` says otherwise)."""
+        tokens = jnp.asarray(tokens, jnp.int32)
+        active = jnp.ones(tokens.shape, bool) if active is None else jnp.asarray(active, bool)
+        return self._step(self.state, tokens, state, active)
 
     def forward(self, tokens):
         tokens = jnp.asarray(np.atleast_2d(np.asarray(tokens)), jnp.int32)
         return self._forward(self.state, tokens)
 
-    def empty_cache(self, batch: int) -> Mamba2Cache:
-        return empty_cache(self.cfg, batch, self.dtype)
+    def empty_state(self, batch: int) -> dict:
+        return empty_state(self.cfg, batch, self.dtype)
 
     def greedy(self, prompt, max_new_tokens: int) -> tuple[list[int], np.ndarray]:
         """prefill, then argmax + step: (new tokens, the logits each was chosen from [n, V])."""
@@ -129,10 +135,20 @@ def fast_jit(fn: Callable, **kw) -> Callable:
 _JIT_CACHE: dict[tuple, Callable] = {}
 
 
+def _step_over_state(model, tokens, state, active):
+    """The decode loop's step protocol as one state-dict step (tests)."""
+    logits, carry = model.step(tokens, model.loop_carry(state), active)
+    return logits, model.state_dict(carry)
+
+
 def _jitted(graphdef, method: str) -> Callable:
     key = (graphdef, method)
     if key not in _JIT_CACHE:
-        _JIT_CACHE[key] = fast_jit(lambda state, *args: getattr(nnx.merge(graphdef, state), method)(*args))
+        if method == "step":
+            fn = lambda state, *args: _step_over_state(nnx.merge(graphdef, state), *args)  # noqa: E731
+        else:
+            fn = lambda state, *args: getattr(nnx.merge(graphdef, state), method)(*args)  # noqa: E731
+        _JIT_CACHE[key] = fast_jit(fn)
     return _JIT_CACHE[key]
 
 

@@ -25,15 +25,18 @@ import numpy as np
 import pytest
 
 from exporter.config import Mamba2Config
-from exporter.functions import Limits, ModelFunctions
+from exporter.functions import ModelFunctions
+from exporter.state import empty_state
 from runtime.engine.compile_cache import ENV_VAR as CACHE_ENV
+from runtime.format.manifest import Limits
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 
 TINY_CFG = Mamba2Config(hidden_size=64, num_hidden_layers=2, vocab_size=96, state_size=16, head_dim=16,
                         chunk_size=8, name="tiny96")
-TINY_LIMITS = Limits(max_batch=8, max_prompt_tokens=64, max_new_tokens=32, max_stop_tokens=4)
+TINY_LIMITS = Limits(vocab_size=96, max_batch=8, max_prompt_tokens=64, max_new_tokens=32, max_stop_tokens=4,
+                     decode_block=32)
 
 # Prompts most tests share (lengths cross the chunk size of 8): the runtime pads them to batch 4,
 # length 16, so one compilation per function serves the whole session (and, through the
@@ -171,24 +174,26 @@ class TinyArtifact:
 
     def live_generate(self, prompts, max_new_tokens, *, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0,
                       seed=0, stop=None) -> list[list[int]]:
-        """The jitted live functions on the batch the runtime would build: one decode call."""
-        from runtime.engine.requests import check_stop_ids, pad_batch
+        """The jitted live functions on the batch the runtime would build: one decode call.
+        `stop` is the whole stop list (the runtime adds eos unless ignore_eos)."""
+        from runtime.engine.requests import RowSettings, check_stop_ids, pad_batch
         from runtime.engine.rng import row_keys
 
         from runtime.format.manifest import read_manifest
 
-        limits = {**dataclasses.asdict(self.fns.limits), "vocab_size": self.cfg.vocab_size}
+        limits = self.fns.limits.to_dict()
         buckets = dataclasses.asdict(read_manifest(self.path).buckets)  # pad as the runtime does
         n = len(prompts)
         tokens, lengths = pad_batch([list(p) for p in prompts], buckets)
         B = tokens.shape[0]
         keys = np.zeros((B, 2), np.uint32)
         keys[:n] = row_keys(seed, n)
-        logits, cache = self.live_prefill(self.params, tokens, lengths)
+        s = RowSettings.build(n, temperature, top_k, top_p, min_p).padded(B)
+        logits, state = self.live_prefill(self.params, empty_state(self.cfg, B), tokens, lengths)
         out, counts, *_ = self.live_decode(
-            self.params, cache, logits, np.arange(B) >= n, np.int32(max_new_tokens), np.int32(0), keys,
-            np.float32(temperature), np.int32(top_k), np.float32(top_p), np.float32(min_p),
-            check_stop_ids(stop, limits))
+            self.params, state, logits, np.arange(B) >= n, np.full((B,), max_new_tokens, np.int32),
+            np.zeros((B,), np.int32), keys, s.temperature, s.top_k, s.top_p, s.min_p,
+            np.tile(check_stop_ids(stop, limits), (B, 1)))
         out, counts = np.asarray(out), np.asarray(counts)
         return [out[i, :counts[i]].tolist() for i in range(n)]
 

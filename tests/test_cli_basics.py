@@ -154,7 +154,9 @@ def test_inspect_text(tmp_path):
     out = r.stdout
     for needle in ("tiny", "hidden_size", "float32", "cpu", "mamba2-aot 0.1.0 (jax 0.10.2, jaxlib 0.10.2)",
                    "2025-06-01T12:00:00+00:00", "jax [0.10.0, 0.11.0)", "max_batch 4", "prompt [16, 64]",
-                   "(tokens: int32[b, 64], lengths: int32[b])", "-> (logits: float32[b, 128])",
+                   "(tokens: int32[b, 64], lengths: int32[b], state/ssm: float32[2, b, 4, 8])",
+                   "-> (logits: float32[b, 128])", "version 2: prefill continues from a state",
+                   "256 B per sequence whatever its length", "no request allocates more than",
                    "prefill.cpu.jaxexport", "total"):
         assert needle in out, needle
     assert f"{sum(map(len, FAKE_FILES.values())) / 1024:.1f} KiB in 2 files" in out

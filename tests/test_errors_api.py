@@ -36,7 +36,7 @@ from runtime.tools.random_init import random_weights
 
 TINY_CFG = Mamba2Config(hidden_size=64, num_hidden_layers=2, vocab_size=96, state_size=16, head_dim=16,
                         chunk_size=8, name="tiny-errors")
-TINY_LIMITS = Limits(max_batch=4, max_prompt_tokens=32, max_new_tokens=16, max_stop_tokens=4)
+TINY_LIMITS = Limits(max_batch=4, max_prompt_tokens=32, max_new_tokens=16, max_stop_tokens=4, decode_block=16)
 PREFILL = "cpu/prefill.jaxexport"
 DECODE = "cpu/decode.jaxexport"
 
@@ -183,7 +183,7 @@ ARTIFACT_CASES: dict[str, Case] = {
                               ("not valid JSON",)),
     "manifest-not-utf8": Case(lambda a, s: (a / MANIFEST_NAME).write_bytes(b"\xff\xfe{}"), ArtifactError,
                               ("not UTF-8",)),
-    "manifest-newer-schema": Case(_schema(2), ArtifactError, ("newer mamba2-aot", "upgrade mamba2-aot")),
+    "manifest-newer-schema": Case(_schema(3), ArtifactError, ("newer mamba2-aot", "upgrade mamba2-aot")),
     "manifest-older-schema": Case(_schema(0), ArtifactError, ("no longer supported", "re-export")),
     "manifest-missing-field": Case(lambda a, s: edit_manifest(a, lambda m: m.pop("limits")), ArtifactError,
                                    ("missing field limits", "re-export")),

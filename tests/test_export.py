@@ -20,12 +20,13 @@ import pytest
 import runtime.tools.cli
 from exporter.artifact import write_artifact
 from exporter.config import PRESETS
-from exporter.functions import Limits, ModelFunctions
+from exporter.functions import ModelFunctions
 from exporter.params import count_params
+from exporter.state import empty_state
 from fixtures_artifacts import (FAST, PROMPTS, TINY_LIMITS, UNFLATTEN_SRC, aot_cache_env,  # noqa: F401
                                 blocker_prelude, flatten, last_json, run_cli, run_python, subprocess_env,
                                 tiny)
-from runtime.format.manifest import read_manifest
+from runtime.format.manifest import Limits, read_manifest
 from runtime.engine.requests import SamplingParams, pad_batch
 from runtime.engine.rng import row_keys
 from runtime.format.weightspec import parse_weight_spec
@@ -36,11 +37,14 @@ NO_STOP = np.full((TINY_LIMITS.max_stop_tokens,), -1, np.int32)
 
 def decode_args(cache, logits, *, budget, keys, finished=None, temperature=0.0, top_k=0, top_p=1.0,
                 min_p=0.0, stop=NO_STOP, start=0):
+    """decode's arguments after params; every control given once for all rows (or per row)."""
     b = logits.shape[0]
+    rows = lambda v, dt: np.broadcast_to(np.asarray(v, dt), (b,)).copy()  # noqa: E731
     finished = np.zeros((b,), bool) if finished is None else np.asarray(finished, bool)
-    return (cache, logits, finished, np.int32(budget), np.int32(start), np.asarray(keys, np.uint32),
-            np.float32(temperature), np.int32(top_k), np.float32(top_p), np.float32(min_p),
-            np.asarray(stop, np.int32))
+    stop = np.asarray(stop, np.int32)
+    return (cache, logits, finished, rows(budget, np.int32), rows(start, np.int32), np.asarray(keys, np.uint32),
+            rows(temperature, np.float32), rows(top_k, np.int32), rows(top_p, np.float32),
+            rows(min_p, np.float32), np.broadcast_to(stop, (b, stop.shape[-1])).copy())
 
 
 def assert_trees_equal(a: dict, b: dict):
@@ -89,10 +93,12 @@ def test_exported_bit_exact_in_fresh_process_without_model_code(tiny, tmp_path):
     # Batch 4, length 16: the shapes the runtime uses for PROMPTS (compiled once per session).
     tokens = np.random.default_rng(3).integers(0, V, (4, 16)).astype(np.int32)
     lengths = np.array([16, 9, 1, 4], np.int32)
-    logits, cache = tiny.live_prefill(tiny.params, tokens, lengths)
+    fresh = empty_state(tiny.cfg, 4)
+    logits, cache = tiny.live_prefill(tiny.params, fresh, tokens, lengths)
     keys = row_keys(11, 4)
     cases = {
-        "prefill": (tokens, lengths),
+        "prefill": (fresh, tokens, lengths),
+        "prefill-continued": (cache, tokens[:, ::-1].copy(), lengths[::-1].copy()),
         "decode-greedy": decode_args(cache, logits, budget=12, keys=keys),
         "decode-sampled": decode_args(cache, logits, budget=12, keys=keys, temperature=0.9, top_k=20,
                                       top_p=0.95, min_p=0.02),
@@ -100,13 +106,13 @@ def test_exported_bit_exact_in_fresh_process_without_model_code(tiny, tmp_path):
     live = {}
     for name, args in cases.items():
         np.savez(tmp_path / f"{name}_in.npz", **flatten(args))
-        fn = tiny.live_prefill if name == "prefill" else tiny.live_decode
+        fn = tiny.live_prefill if name.startswith("prefill") else tiny.live_decode
         live[name] = flatten(fn(tiny.params, *args))
 
     r = run_python(_RUN_EXPORTED, tiny.path, tiny.weights, tmp_path, env=subprocess_env(tiny.cache_dir))
     assert r.returncode == 0, r.stderr
     report = last_json(r.stdout)
-    assert report == {"leaked": [], "cases": 3}
+    assert report == {"leaked": [], "cases": 4}
     for name, want in live.items():
         with np.load(tmp_path / f"{name}_out.npz", allow_pickle=False) as f:
             got = {k: f[k] for k in f.files}
@@ -126,7 +132,8 @@ def test_one_artifact_serves_many_batch_sizes_and_prompt_lengths(tiny):
     assert sig["prefill"]["tokens"] == ["b", "t"] and sig["prefill"]["lengths"] == ["b"]
     assert sig["decode"]["logits"] == ["b", V] and sig["decode"]["keys"] == ["b", 2]
     outs = {t["name"]: t["shape"] for t in manifest["functions"]["decode"]["outputs"]}
-    assert outs["tokens"] == ["b", TINY_LIMITS.max_new_tokens] and outs["cache/ssm"][1] == "b"
+    assert outs["tokens"] == ["b", TINY_LIMITS.decode_block] and outs["state/ssm"][1] == "b"
+    assert sig["prefill"]["state/ssm"][1] == "b" and manifest["semantics_version"] == 2
 
     prefill, decode = deserialize(tiny.path, "prefill"), deserialize(tiny.path, "decode")
     assert [str(d) for d in prefill.in_avals[-2].shape] == ["b", "t"]  # tokens
@@ -143,8 +150,9 @@ def test_one_artifact_serves_many_batch_sizes_and_prompt_lengths(tiny):
         tokens = rng.integers(0, V, (b, t)).astype(np.int32)
         lengths = rng.integers(1, t + 1, b).astype(np.int32)
         lengths[0] = t
-        got = flatten(prefill(tiny.params, tokens, lengths))
-        want = flatten(live_prefill(tiny.params, tokens, lengths))
+        fresh = empty_state(tiny.cfg, b)
+        got = flatten(prefill(tiny.params, fresh, tokens, lengths))
+        want = flatten(live_prefill(tiny.params, fresh, tokens, lengths))
         assert_trees_equal(got, want)
         assert got["0"].shape == (b, V) and got["1/ssm"].shape[1] == b
         caches[b] = want
@@ -153,7 +161,7 @@ def test_one_artifact_serves_many_batch_sizes_and_prompt_lengths(tiny):
                            keys=row_keys(b, b), temperature=1.0, top_k=30)
         got, want = flatten(decode(tiny.params, *args)), flatten(live_decode(tiny.params, *args))
         assert_trees_equal(got, want)
-        assert got["0"].shape == (b, TINY_LIMITS.max_new_tokens) and (got["1"] == 9).all()
+        assert got["0"].shape == (b, TINY_LIMITS.decode_block) and (got["1"] == 9).all()
 
 
 # ------------------------------------------------------------------ early stop inside the loop
@@ -172,13 +180,14 @@ def test_stop_token_ends_rows_and_the_loop(tiny):
     # Two prompts in the session's usual (4, 16) shapes: rows 2 and 3 are padding, finished.
     tokens, lengths = pad_batch(PROMPTS[:2] + [[0], [0]], model.buckets)
     lengths[2:] = 0
-    B, cap = tokens.shape[0], TINY_LIMITS.max_new_tokens
+    B, cap = tokens.shape[0], TINY_LIMITS.decode_block
     assert tokens.shape == (4, 16)
     keys = np.zeros((B, 2), np.uint32)
     fin0 = np.arange(B) >= 2  # padding rows are finished from the start
     logits, state = model.prefill(tokens, lengths)
 
     def run(stop, budget=cap):
+        budget = np.resize(np.asarray(budget, np.int32), B)
         out, counts, st, lg, fin = model.decode(
             state, logits, fin0, budget, 0, keys, SamplingParams(), np.array(stop + [-1] * (4 - len(stop)), np.int32))
         return np.asarray(out)[:2], np.asarray(counts)[:2], flatten(st), np.asarray(lg)[:2], np.asarray(fin)[:2]
@@ -194,18 +203,17 @@ def test_stop_token_ends_rows_and_the_loop(tiny):
     assert out[0, : k0 + 1].tolist() == row0[: k0 + 1] and not out[0, k0 + 1:].any()
     assert out[1].tolist() == row1
 
-    # Both rows stop: the loop exits after max(k0, k1) + 1 steps, not `budget`. The returned
-    # cache and logits are those of a run with exactly that budget (finished rows keep stepping
-    # until every row is done, so nothing else differs).
+    # Both rows stop: the loop exits after max(k0, k1) + 1 steps, not `budget`. A stopped row is
+    # frozen: its state and logits are bit for bit those of a run whose per-row budget ends it
+    # at the same token (k_i + 1 steps each).
     k1, s1 = _first_new(row1, 1, avoid=row0[: k0 + 1])
     out, counts, cache, lg, fin = run([s0, s1])
     assert counts.tolist() == [k0 + 1, k1 + 1] and fin.tolist() == [True, True]
     assert out[1, : k1 + 1].tolist() == row1[: k1 + 1] and not out[1, k1 + 1:].any()
-    steps = max(k0, k1) + 1
-    assert steps < cap
-    _, short_counts, short_cache, short_lg, _ = run([], budget=steps)
-    assert short_counts.tolist() == [steps, steps]
-    assert_trees_equal(cache, short_cache)
+    assert max(k0, k1) + 1 < cap
+    _, short_counts, short_cache, short_lg, short_fin = run([], budget=[k0 + 1, k1 + 1, 0, 0])
+    assert short_counts.tolist() == [k0 + 1, k1 + 1] and short_fin.tolist() == [False, False]
+    assert_trees_equal({k: v[:, :2] for k, v in cache.items()}, {k: v[:, :2] for k, v in short_cache.items()})
     assert np.array_equal(lg, short_lg)
     assert not np.array_equal(cache["ssm"], free_cache["ssm"])  # the full run went further
 
@@ -221,7 +229,8 @@ def test_all_presets_lower_for_tpu_and_cuda(tmp_path):
         out = tmp_path / name
         with warnings.catch_warnings():  # flattening must succeed for every module (exporter.flatten)
             warnings.simplefilter("error", RuntimeWarning)
-            manifest = write_artifact(ModelFunctions(cfg, jnp.bfloat16, Limits()), ["tpu", "cuda"], out, force=False)
+            manifest = write_artifact(ModelFunctions(cfg, jnp.bfloat16, Limits(vocab_size=cfg.vocab_size)),
+                                      ["tpu", "cuda"], out, force=False)
         n_params = count_params(cfg)
         param_bytes = 2 * n_params  # bfloat16
         assert manifest["platforms"] == ["tpu", "cuda"] and manifest["dtype"] == "bfloat16"

@@ -1,4 +1,5 @@
-"""Manifest schema v1 validation, integrity checks, and fuzzing (only ArtifactError may escape)."""
+"""Manifest schema validation (v2, and v1 still read), integrity checks, and fuzzing (only
+ArtifactError may escape)."""
 
 from __future__ import annotations
 
@@ -37,11 +38,11 @@ def _tensor(name, shape, dtype):
     return {"name": name, "shape": shape, "dtype": dtype}
 
 
-def fake_manifest(files: dict[str, bytes] = FAKE_FILES) -> dict:
-    """A valid schema-1 manifest dict whose `files` records describe `files`."""
-    return {
+def fake_manifest(files: dict[str, bytes] = FAKE_FILES, schema: int = SCHEMA_VERSION) -> dict:
+    """A valid manifest dict (schema 2, or 1) whose `files` records describe `files`."""
+    obj = {
         "format": FORMAT_NAME,
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": schema,
         "created": "2025-06-01T12:00:00+00:00",
         "producer": {"package": "mamba2-aot", "version": "0.1.0", "jax": "0.10.2", "jaxlib": "0.10.2"},
         "serialization": {"jax_export_version": 3, "calling_convention_version": 10},
@@ -56,7 +57,8 @@ def fake_manifest(files: dict[str, bytes] = FAKE_FILES) -> dict:
         "buckets": {"prompt": [16, 64], "batch": [1, 2, 4]},
         "functions": {
             "prefill": {
-                "inputs": [_tensor("tokens", ["b", 64], "int32"), _tensor("lengths", ["b"], "int32")],
+                "inputs": [_tensor("tokens", ["b", 64], "int32"), _tensor("lengths", ["b"], "int32"),
+                           _tensor("state/ssm", [2, "b", 4, 8], "float32")],
                 "outputs": [_tensor("logits", ["b", 128], "float32")],
                 "files": {"cpu": "prefill.cpu.jaxexport"},
             },
@@ -71,6 +73,11 @@ def fake_manifest(files: dict[str, bytes] = FAKE_FILES) -> dict:
         "files": {rel: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
                   for rel, data in files.items()},
     }
+    if schema >= 2:
+        obj["semantics_version"] = 2
+        obj["memory"] = {"prefill_activation_bytes": 1 << 20}
+        obj["limits"].update(decode_block=16, max_prefill_tokens=256, max_context=None)
+    return obj
 
 
 def make_artifact(root: Path, name: str = "artifact", manifest: dict | None = None,
@@ -165,9 +172,27 @@ def test_not_a_json_object(tmp_path, data):
 
 def test_newer_schema():
     obj = fake_manifest()
-    obj["schema_version"] = 2
+    obj["schema_version"] = 3
     obj["something_new"] = 1
-    with pytest.raises(ArtifactError, match=r"written by a newer mamba2-aot \(schema 2, this reads 1\): upgrade"):
+    with pytest.raises(ArtifactError, match=r"written by a newer mamba2-aot \(schema 3, this reads 2\): upgrade"):
+        parse_manifest(obj)
+
+
+def test_schema_1_still_reads_with_its_limits_derived():
+    m = parse_manifest(fake_manifest(schema=1))
+    assert m.schema_version == 1 and m.semantics_version == 1 and m.memory is None
+    assert (m.limits.decode_block, m.limits.max_prefill_tokens, m.limits.max_context) == (32, 4 * 64, None)
+    v1 = fake_manifest(schema=1)
+    v1["semantics_version"] = 2  # a schema-2 field in a schema-1 manifest is refused
+    with pytest.raises(ArtifactError, match="semantics_version"):
+        parse_manifest(v1)
+
+
+@pytest.mark.parametrize("value", [0, 3, "2", None, True])
+def test_unknown_semantics_version(value):
+    obj = fake_manifest()
+    obj["semantics_version"] = value
+    with pytest.raises(ArtifactError, match="semantics"):
         parse_manifest(obj)
 
 

@@ -14,9 +14,9 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from exporter.cache import cache_shapes
 from exporter.config import PRESETS, Mamba2Config, load_config
 from exporter.params import bind, count_params, param_shapes
+from exporter.state import empty_state, state_shapes
 
 
 def rel_diff(ours, theirs) -> float:
@@ -54,7 +54,8 @@ def recur(make_random_params, jax_runner):
 
 def _prefill(fast_jit, cfg, params, tokens):
     """Prefill with a one-off jit: the chunk size is part of the (static) config."""
-    run = fast_jit(lambda p, x: bind(cfg, p).prefill(x, jnp.full((x.shape[0],), x.shape[1], jnp.int32)))
+    run = fast_jit(lambda p, x: bind(cfg, p).prefill(empty_state(cfg, x.shape[0]), x,
+                                                      jnp.full((x.shape[0],), x.shape[1], jnp.int32)))
     return run(params, jnp.asarray(tokens, jnp.int32))
 
 
@@ -77,15 +78,15 @@ def test_chunked_prefill_equals_recurrence(recur, fast_jit, length, chunk, seed,
     tokens = np.random.default_rng(seed).integers(0, cfg.vocab_size, (1, length))
     last, cache = _prefill(fast_jit, cfg, params, tokens)
 
-    step_cache = stepper.empty_cache(1)
+    step_cache = stepper.empty_state(1)
     for t in range(length):
         logits, step_cache = stepper.step(tokens[:, t], step_cache)
 
     assert rel_diff(last, logits) < 1e-4
-    assert cache.conv.dtype == step_cache.conv.dtype and cache.ssm.dtype == jnp.float32
-    assert cache.conv.shape == step_cache.conv.shape and cache.ssm.shape == step_cache.ssm.shape
-    assert rel_diff(cache.conv, step_cache.conv) < 1e-5
-    assert rel_diff(cache.ssm, step_cache.ssm) < 1e-4
+    assert cache["conv"].dtype == step_cache["conv"].dtype and cache["ssm"].dtype == jnp.float32
+    assert cache["conv"].shape == step_cache["conv"].shape and cache["ssm"].shape == step_cache["ssm"].shape
+    assert rel_diff(cache["conv"], step_cache["conv"]) < 1e-5
+    assert rel_diff(cache["ssm"], step_cache["ssm"]) < 1e-4
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,7 +101,7 @@ def test_ragged_batch_equals_each_prompt_alone(tiny_hf):
     batch = rng.integers(0, cfg.vocab_size, (len(lengths), max(lengths)))
     logits, cache = runner.prefill(batch, lengths)
     assert logits.shape == (len(lengths), cfg.vocab_size)
-    assert cache.conv.shape[1] == cache.ssm.shape[1] == len(lengths)
+    assert cache["conv"].shape[1] == cache["ssm"].shape[1] == len(lengths)
 
     # Then a few decode steps in the batch, row by row against decoding alone.
     n_steps = 4
@@ -112,12 +113,12 @@ def test_ragged_batch_equals_each_prompt_alone(tiny_hf):
 
     for i, n in enumerate(lengths):
         if n == 0:  # an empty prompt leaves the cache empty (its prefill logits are meaningless)
-            assert not np.any(np.asarray(cache.conv[:, i])) and not np.any(np.asarray(cache.ssm[:, i]))
+            assert not np.any(np.asarray(cache["conv"][:, i])) and not np.any(np.asarray(cache["ssm"][:, i]))
             continue
         alone_logits, alone = runner.prefill(batch[i : i + 1, :n])
         assert rel_diff(logits[i], alone_logits[0]) < 1e-5, f"row {i}"
-        assert rel_diff(cache.conv[:, i], alone.conv[:, 0]) < 1e-5, f"row {i}"
-        assert rel_diff(cache.ssm[:, i], alone.ssm[:, 0]) < 1e-5, f"row {i}"
+        assert rel_diff(cache["conv"][:, i], alone["conv"][:, 0]) < 1e-5, f"row {i}"
+        assert rel_diff(cache["ssm"][:, i], alone["ssm"][:, 0]) < 1e-5, f"row {i}"
         for s in range(n_steps):
             lg, alone = runner.step(next_tokens[s, i : i + 1], alone)
             assert rel_diff(batch_steps[s][i], lg[0]) < 1e-5, f"row {i} step {s}"
@@ -154,11 +155,12 @@ def _abstract_prefill_and_step(cfg: Mamba2Config, dtype=jnp.float32, t: int = 64
     shapes = param_shapes(cfg, dtype)
     tok = jax.ShapeDtypeStruct((2, t), jnp.int32)
     lengths = jax.ShapeDtypeStruct((2,), jnp.int32)
-    logits, cache = jax.eval_shape(lambda p, x, n: bind(cfg, p, dtype).prefill(x, n), shapes, tok, lengths)
-    want = cache_shapes(cfg, 2, dtype)
+    logits, cache = jax.eval_shape(lambda p, s, x, n: bind(cfg, p, dtype).prefill(s, x, n), shapes,
+                                   state_shapes(cfg, 2, dtype), tok, lengths)
+    want = state_shapes(cfg, 2, dtype)
     assert logits.shape == (2, cfg.vocab_size) and logits.dtype == jnp.float32
-    assert (cache.conv.shape, cache.conv.dtype) == (want["conv"].shape, want["conv"].dtype)
-    assert (cache.ssm.shape, cache.ssm.dtype) == (want["ssm"].shape, jnp.float32)
+    assert (cache["conv"].shape, cache["conv"].dtype) == (want["conv"].shape, want["conv"].dtype)
+    assert (cache["ssm"].shape, cache["ssm"].dtype) == (want["ssm"].shape, jnp.float32)
     return shapes, cache
 
 
@@ -167,8 +169,12 @@ def test_preset_130m_size():
     assert count_params(cfg) == 128_989_632 == expected_param_count(cfg)
     assert "lm_head.weight" not in param_shapes(cfg)  # tied head
     _, cache = _abstract_prefill_and_step(cfg)
-    logits, cache2 = jax.eval_shape(
-        lambda p, x, c: bind(cfg, p).step(x, c), param_shapes(cfg), jax.ShapeDtypeStruct((2,), jnp.int32), cache)
+    def step(p, x, c):
+        model = bind(cfg, p)
+        logits, carry = model.step(x, model.loop_carry(c), jnp.ones((2,), bool))
+        return logits, model.state_dict(carry)
+
+    logits, cache2 = jax.eval_shape(step, param_shapes(cfg), jax.ShapeDtypeStruct((2,), jnp.int32), cache)
     assert logits.shape == (2, cfg.vocab_size)
     assert jax.tree.map(lambda a: (a.shape, a.dtype), cache2) == jax.tree.map(lambda a: (a.shape, a.dtype), cache)
 
@@ -247,10 +253,10 @@ def test_bfloat16_mode(tiny_hf, jax_runner, load_checkpoint):
 
     logits, cache = bf16.prefill(tokens)
     assert logits.dtype == jnp.float32
-    assert cache.ssm.dtype == jnp.float32 and cache.conv.dtype == jnp.bfloat16
+    assert cache["ssm"].dtype == jnp.float32 and cache["conv"].dtype == jnp.bfloat16
     fp32_logits, fp32_cache = tiny_hf.runner.prefill(tokens)
     assert rel_diff(logits, fp32_logits) < BF16_LOGITS_RTOL
-    assert rel_diff(cache.ssm, fp32_cache.ssm) < BF16_LOGITS_RTOL
+    assert rel_diff(cache["ssm"], fp32_cache["ssm"]) < BF16_LOGITS_RTOL
 
     # Greedy: feed fp32's greedy path to the bf16 model; argmaxes mostly agree, and wherever they
     # differ the bf16 choice is a near-tie in fp32 (within the bf16 tolerance of fp32's best).

@@ -277,7 +277,7 @@ V, CAP = 96, TINY_LIMITS.max_new_tokens
     (dict(stop=[1, 2, 3, 4, 5]), r"5 stop tokens, over the artifact's limit of 4"),
     (dict(stop=[V]), rf"stop token {V} is outside the vocabulary"),
     (dict(seed=-1), r"seed must be an integer >= 0"),
-    (dict(seed=[1, 2]), r"seed must be an integer >= 0 or a list of 1"),
+    (dict(seed=[1, 2]), r"seed must be an integer >= 0 \(below 2\*\*64\) or a list of 1"),
     (dict(block=0), r"block must be a positive integer"),
 ], ids=lambda v: "" if isinstance(v, str) else "-".join(f"{k}={str(x)[:12]}" for k, x in v.items()))
 def test_requests_outside_the_limits_are_clear_errors(tiny, call, match, monkeypatch):

@@ -25,6 +25,7 @@ import pytest
 
 from exporter.config import Mamba2Config
 from exporter.functions import Limits, ModelFunctions
+from exporter.state import empty_state
 from runtime.errors import ExportError
 
 pytestmark = pytest.mark.skipif(
@@ -33,7 +34,7 @@ pytestmark = pytest.mark.skipif(
 
 CFG = Mamba2Config(hidden_size=64, num_hidden_layers=2, vocab_size=96, state_size=16, head_dim=16,
                    chunk_size=8, name="tiny-sm")
-LIMITS = Limits(max_batch=8, max_prompt_tokens=64, max_new_tokens=16, max_stop_tokens=4)
+LIMITS = Limits(max_batch=8, max_prompt_tokens=64, max_new_tokens=16, max_stop_tokens=4, decode_block=16)
 NEW = 12  # < LIMITS.max_new_tokens: the -1 padding after each row's count is visible
 PROMPT_LENS = (5, 16, 1, 11)  # ragged; the runtime buckets this batch to exactly [4, 16]
 SAMPLING = dict(temperature=1.0, top_k=20, top_p=0.9, min_p=0.0)
@@ -93,6 +94,11 @@ TF_SCRIPT = textwrap.dedent(r'''
     run("sample", "sample_big_seed", **main, max_new_tokens=req["new"], seed=req["seed"] + 2**32,
         **req["sampling"])
     run("prefill", "prefill", tokens=req["sub_tokens"], lengths=req["sub_lengths"])
+    # The padded tail holds out-of-vocabulary ids: masked, it changes nothing.
+    dirty = [row[:n] + [req["vocab"]] * (len(row) - n) for row, n in zip(req["tokens"], req["lengths"])]
+    run("generate", "dirty_generate", tokens=dirty, lengths=req["lengths"], max_new_tokens=req["new"])
+    sub_dirty = [row[:n] + [req["vocab"]] * (len(row) - n) for row, n in zip(req["sub_tokens"], req["sub_lengths"])]
+    run("prefill", "dirty_prefill", tokens=sub_dirty, lengths=req["sub_lengths"])
 
     errors = {}
     bad_token = [row[:] for row in req["tokens"]]
@@ -149,7 +155,7 @@ def runtime_model(params, tmp_path_factory):
 
 def _choose_eos(runtime_model, prompts) -> int:
     """A token row 0's greedy run emits at step 3, so stopping at eos is exercised."""
-    return runtime_model.generate(prompts, NEW, stop=[])[0][3]
+    return runtime_model.generate(prompts, NEW, ignore_eos=True)[0][3]
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +178,7 @@ def exported(tmp_path_factory, params, runtime_model) -> Exported:
         "path": str(path), "out": str(tmp / "tf_out.npz"), "new": NEW, "seed": SEED,
         "tokens": tokens.tolist(), "lengths": lengths.tolist(),
         "sub_tokens": sub_tokens.tolist(), "sub_lengths": sub_lengths.tolist(),
-        "sampling": SAMPLING,
+        "sampling": SAMPLING, "vocab": CFG.vocab_size,
         "dtypes": {"tokens": "int32", "lengths": "int32", "max_new_tokens": "int32",
                    "temperature": "float32", "top_k": "int32", "top_p": "float32",
                    "min_p": "float32", "seed": "int64"},
@@ -209,6 +215,15 @@ def test_runs_with_tensorflow_only(exported):
     assert a["prefill/logits"].shape == (len(SUBSET), CFG.vocab_size)  # another batch and length
 
 
+def test_padding_never_touches_anything(exported):
+    a = exported.tf_arrays
+    assert max(PROMPT_LENS) == 16 and min(PROMPT_LENS) < 16  # some rows have a padded tail
+    for out in ("tokens", "counts"):
+        np.testing.assert_array_equal(a[f"dirty_generate/{out}"], a[f"generate/{out}"])
+    for out in ("logits", "cache_conv", "cache_ssm"):
+        np.testing.assert_array_equal(a[f"dirty_prefill/{out}"], a[f"prefill/{out}"])
+
+
 def test_bad_requests_are_rejected_in_the_graph(exported):
     errors = exported.tf_out["errors"]
     assert errors["token"] and f"token ids must be in [0, {CFG.vocab_size})" in errors["token"]
@@ -219,25 +234,28 @@ def test_bad_requests_are_rejected_in_the_graph(exported):
 
 def test_generate_matches_runtime(exported, runtime_model):
     a = exported.tf_arrays
-    want = runtime_model.generate(exported.prompts, NEW, stop=[exported.cfg.eos_token_id])
+    want = runtime_model.generate(exported.prompts, NEW, stop=[exported.cfg.eos_token_id], ignore_eos=True)
     assert _rows(a["generate/tokens"], a["generate/counts"]) == want
 
 
 def test_sample_matches_runtime(exported, runtime_model):
     a = exported.tf_arrays
-    want = runtime_model.generate(exported.prompts, NEW, seed=SEED, stop=[exported.cfg.eos_token_id],
+    want = runtime_model.generate(exported.prompts, NEW, seed=SEED, stop=[exported.cfg.eos_token_id], ignore_eos=True,
                                   **SAMPLING)
     got = _rows(a["sample/tokens"], a["sample/counts"])
     assert got == want
     assert got != _rows(a["generate/tokens"], a["generate/counts"])  # it really sampled
-    # Seeds are used modulo 2**32, as the runtime (jax without x64) does.
-    assert _rows(a["sample_big_seed/tokens"], a["sample_big_seed/counts"]) == got
+    # A seed beyond 32 bits is its own stream, the runtime's too.
+    big = _rows(a["sample_big_seed/tokens"], a["sample_big_seed/counts"])
+    assert big != got
+    assert big == runtime_model.generate(exported.prompts, NEW, seed=SEED + 2**32, stop=[exported.cfg.eos_token_id],
+                                         ignore_eos=True, **SAMPLING)
 
 
 def test_prefill_matches_jax(exported):
     fns = ModelFunctions(exported.cfg, jnp.float32, LIMITS)
     tokens, lengths = _pad([exported.prompts[i] for i in SUBSET])  # [3, 11]
-    logits, cache = jax.jit(fns.prefill)(exported.params, tokens, lengths)
+    logits, cache = jax.jit(fns.prefill)(exported.params, empty_state(CFG, 3), tokens, lengths)
     a = exported.tf_arrays
     for got, want in ((a["prefill/logits"], logits), (a["prefill/cache_conv"], cache["conv"]),
                       (a["prefill/cache_ssm"], cache["ssm"])):

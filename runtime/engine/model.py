@@ -1,13 +1,17 @@
-"""A loaded artifact with weights on the device: `generate` and `stream`, no model code.
+"""A loaded artifact with weights on the device: `generate`, `stream`, `complete`, no model code.
 
-The runtime only knows the artifact's calling convention: prefill(params, tokens, lengths) ->
-(logits, state) and decode(params, state, logits, finished, budget, start_step, keys,
-temperature, top_k, top_p, min_p, stop_ids) -> (tokens, counts, state, logits, finished). The
-state is an opaque pytree handed from one call to the next.
+The runtime only knows the artifact's calling convention (runtime.engine.convention):
+prefill(params, state, tokens, lengths) -> (logits, state) and decode(params, state, logits,
+finished, budget, steps, keys, temperature, top_k, top_p, min_p, stop_ids) -> (tokens, counts,
+state, logits, finished), every control per row. The state is a pytree the manifest describes
+(runtime.engine.state): zeros are a fresh sequence, and one row of it is a `State` value.
 
 Bucketing: prompts are right-padded to the smallest prompt bucket (powers of two) and the
-batch to the smallest batch bucket, so a process compiles each function at most
-log2(max/min) + 1 times per axis; every compile lands in the persistent XLA cache.
+batch to the smallest batch bucket; a prompt longer than the batch's segment (the largest
+bucket whose batch x length fits `max_prefill_tokens`) is prefilled in segments that carry
+the state. So a process compiles each function at most log2(max/min) + 1 times per axis, and
+memory per call is bounded whatever the prompt length; every compile lands in the persistent
+XLA cache.
 Single-device artifacts compile through runtime.engine.programs: sizes given to `prepare` (and those
 the previous process used) compile in a worker thread while the weights load; a request of a
 new size queues its decode before prefill compiles, so the two compile side by side.
@@ -30,10 +34,11 @@ from runtime.format.integrity import safe_member, verify_files
 from runtime.format.manifest import Manifest, read_manifest
 from runtime.engine.placement import from_manifest as placement_from_manifest
 from runtime.engine.programs import Programs, solve_dims
-from runtime.engine.requests import (SamplingParams, bucket, check_new_tokens, check_prompts, check_stop_ids,
-                              pad_batch)
-from runtime.engine.rng import row_keys
+from runtime.engine.convention import convention
+from runtime.engine.prefix_cache import PrefixCache
+from runtime.engine.requests import RowSettings, SamplingParams, bucket, is_int
 from runtime.engine.startup import gc_paused
+from runtime.engine.state import State, StateLayout, read_state_file
 from runtime.engine.weights import load_weights, parse_weight_spec, to_device
 
 
@@ -42,19 +47,42 @@ _FUNCTIONS = ("prefill", "decode")
 
 @dataclasses.dataclass
 class Generation:
-    """One block of new tokens per prompt (only rows still running get tokens)."""
+    """One block of new tokens per prompt (only rows still running get tokens). `finished`: the
+    row hit a stop token. The last block of a `return_states=True` call carries `states`."""
 
     tokens: list[list[int]]
     finished: list[bool]
+    states: list[State] | None = None
+
+
+@dataclasses.dataclass
+class Completion:
+    """A prompt's new tokens, why generation ended ("stop": a stop token, "length": the budget),
+    and its final State (prompt + new tokens) when asked for."""
+
+    tokens: list[int]
+    finish_reason: str
+    state: State | None = None
 
 
 class LoadedModel:
     """An artifact's compiled functions for this backend plus weights placed on the device."""
 
     def __init__(self, artifact_dir, weights: str | Path | None = None, seed: int = 0,
-                 use_compile_cache: bool = True, prepare: Sequence[tuple[int, int]] = ()):
+                 use_compile_cache: bool = True, prepare: Sequence[tuple[int, int]] = (),
+                 prefix_cache_mb: float = 0):
         self.path = Path(artifact_dir)
         self.manifest: Manifest = read_manifest(self.path)
+        self.convention = convention(self.manifest.semantics_version)
+        self.state_layout: StateLayout | None = (
+            StateLayout.from_function(self.manifest.functions["prefill"]) if self.convention.carries_state else None)
+        if not isinstance(prefix_cache_mb, (int, float)) or isinstance(prefix_cache_mb, bool) or prefix_cache_mb < 0:
+            raise RequestError(f"prefix_cache_mb must be a number >= 0, got {prefix_cache_mb!r:.40}")
+        if prefix_cache_mb and not self.convention.carries_state:
+            raise RequestError("this artifact cannot continue from a state (semantics 1), so it has no "
+                               "prefix cache: re-export it with this mamba2-aot")
+        #: the exact prefix-state cache (None: off); its `stats` count lookups, hits, tokens skipped
+        self.prefix_cache = PrefixCache(int(prefix_cache_mb * (1 << 20))) if prefix_cache_mb else None
         self.platform = current_platform()
         # jax window, calling convention, platform (raises); past its expiry date: a warning
         self.warnings: list[str] = check_compatibility(self.manifest, self.platform)
@@ -67,9 +95,10 @@ class LoadedModel:
         self.placement = placement_from_manifest(self.manifest, spec)
         cached = use_compile_cache and compile_cache.enable() is not None
         self._programs: Programs | None = None
+        key = compile_cache.artifact_key(
+            {rel: self.manifest.files[rel].sha256 for rel in files.values()}, self.platform)
+        self.artifact_id = key  # States remember it: one artifact's state never runs on another
         if self.placement is None:
-            key = compile_cache.artifact_key(
-                {rel: self.manifest.files[rel].sha256 for rel in files.values()}, self.platform)
             self._programs = Programs(self.manifest.functions, self._deserialize, key if cached else None)
         buckets = []
         for size in prepare:  # checked now: a bad size fails before any work
@@ -144,13 +173,20 @@ class LoadedModel:
                                 "re-export or re-copy the artifact") from None
         return exported
 
+    def segment_length(self, B: int) -> int:
+        """The longest prefill call for a batch bucket B: the largest prompt bucket with B x T
+        within max_prefill_tokens (never below the smallest bucket)."""
+        fits = [T for T in self.manifest.buckets.prompt if B * T <= self.manifest.limits.max_prefill_tokens]
+        return fits[-1] if fits else self.manifest.buckets.prompt[0]
+
     def _buckets_for(self, batch: int, prompt_tokens: int) -> tuple[int, int]:
         """(batch bucket, prompt bucket) of a request size, checked against the limits."""
         lim = self.manifest.limits
         for what, n, most in (("batch", batch, lim.max_batch), ("prompt_tokens", prompt_tokens, lim.max_prompt_tokens)):
-            if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= most:
+            if not is_int(n) or not 1 <= n <= most:
                 raise RequestError(f"prepare: {what} must be an integer in [1, {most}], got {n!r}")
-        return bucket(int(batch), self.manifest.buckets.batch), bucket(int(prompt_tokens), self.manifest.buckets.prompt)
+        B = bucket(int(batch), self.manifest.buckets.batch)
+        return B, bucket(min(int(prompt_tokens), self.segment_length(B)), self.manifest.buckets.prompt)
 
     def prepare(self, batch: int = 1, prompt_tokens: int = 1) -> None:
         """Compile prefill and decode for requests of this size in the background (returns at once);
@@ -169,58 +205,78 @@ class LoadedModel:
         dims = solve_dims(self.manifest.functions[name], shapes)
         return self._programs.get(name, dims)(*args)
 
-    # -- raw calls ---------------------------------------------------------------------------
-    def prefill(self, tokens: np.ndarray, lengths: np.ndarray):
-        """tokens int32[B, T], lengths int32[B] (already bucketed) -> (logits [B, V], state)."""
-        return self._call("prefill", {"tokens": np.shape(tokens)}, self.params, tokens, lengths)
+    # -- raw calls (shapes already bucketed) --------------------------------------------------
+    def empty_state(self, batch: int):
+        """The state of `batch` fresh sequences (all zeros), on the device."""
+        return self.state_layout.zeros(batch)
 
-    def decode(self, state, logits, finished, budget, start_step, keys, sampling: SamplingParams,
-               stop_ids):
-        f32, i32 = np.float32, np.int32
-        return self._call(
-            "decode", {"finished": np.shape(finished)},
-            self.params, state, logits, finished, i32(budget), i32(start_step), keys,
-            f32(sampling.temperature), i32(sampling.top_k), f32(sampling.top_p),
-            f32(sampling.min_p), stop_ids)
+    def prefill(self, tokens: np.ndarray, lengths: np.ndarray, state=None):
+        """tokens int32[B, T], lengths int32[B] -> (logits [B, V], state): each row continues from
+        its row of `state` (default: fresh) over its first lengths[i] tokens; a row of length 0
+        keeps its state."""
+        if state is None and self.convention.carries_state:
+            state = self.empty_state(np.shape(tokens)[0])
+        return self.convention.prefill(self._call, self.params, state, tokens, lengths)
 
-    # -- generation --------------------------------------------------------------------------
-    def stream(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64, *,
-               block: int = 16, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-               min_p: float = 0.0, seed: int | Sequence[int] = 0,
-               stop: Sequence[int] | None = None) -> Iterator[Generation]:
-        """Yields the new tokens block by block: one device call per block of up to `block` tokens."""
-        prompts = check_prompts(prompts, self.limits)
-        max_new_tokens = check_new_tokens(max_new_tokens, self.limits)
-        if isinstance(block, bool) or not isinstance(block, (int, np.integer)) or block < 1:
-            raise RequestError(f"block must be a positive integer, got {block!r}")
-        sampling = SamplingParams(temperature, top_k, top_p, min_p)
-        sampling.check()
-        stop_ids = check_stop_ids(stop, self.limits)
-        n = len(prompts)
-        tokens, lengths = pad_batch(prompts, self.buckets, self.manifest.tokens.pad_id or 0)
-        B = tokens.shape[0]
-        keys = np.zeros((B, 2), np.uint32)
-        keys[:n] = row_keys(seed, n)
-        finished = np.arange(B) >= n  # padding rows never run
-        self._prepare_buckets(B, tokens.shape[1])  # not compiled yet: decode compiles while prefill does
-        logits, state = self.prefill(tokens, lengths)
-        done = 0
-        while done < max_new_tokens and not finished[:n].all():
-            budget = min(block, max_new_tokens - done)
-            out, counts, state, logits, finished_dev = self.decode(
-                state, logits, finished, budget, done, keys, sampling, stop_ids)
-            out, counts = np.asarray(out), np.asarray(counts)
-            finished = np.asarray(finished_dev)
-            done += budget
-            yield Generation([out[i, : counts[i]].tolist() for i in range(n)], finished[:n].tolist())
+    def decode(self, state, logits, finished, budget, steps, keys, sampling, stop_ids):
+        """One decode call: (tokens [B, N], counts [B], state, logits [B, V], finished [B]).
 
-    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64, **kw) -> list[list[int]]:
-        """New tokens per prompt (stop token included when hit), in one device call for the loop."""
-        kw.setdefault("block", int(max_new_tokens) if isinstance(max_new_tokens, int) and max_new_tokens > 0 else 1)
-        rows: list[list[int]] | None = None
-        for gen in self.stream(prompts, max_new_tokens, **kw):
-            rows = gen.tokens if rows is None else [a + b for a, b in zip(rows, gen.tokens)]
-        return rows if rows is not None else [[] for _ in prompts]
+        budget, steps: per row [B] (or one int for all rows); sampling: RowSettings of B rows (or
+        one SamplingParams); stop_ids: int32[B, S] (or [S] for all rows)."""
+        B = np.shape(finished)[0]
+        rows = lambda v: np.broadcast_to(np.asarray(v, np.int32), (B,)).copy()  # noqa: E731
+        if isinstance(sampling, SamplingParams):
+            sampling = RowSettings.build(B, sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p)
+        stop_ids = np.asarray(stop_ids, np.int32)
+        if stop_ids.ndim == 1:
+            stop_ids = np.broadcast_to(stop_ids, (B, stop_ids.shape[0])).copy()
+        return self.convention.decode(self._call, self.params, state, logits, np.asarray(finished, bool),
+                                      rows(budget), rows(steps), keys, sampling, stop_ids)
+
+    # -- generation (runtime.engine.generation) ----------------------------------------------
+    def stream(self, prompts, max_new_tokens=64, *, block: int = 16, **kw) -> Iterator[Generation]:
+        """Yields the new tokens block by block: one device call per block of up to `block` tokens.
+
+        prompts: token-id lists (an empty one continues from its state). max_new_tokens: one
+        count, or one per prompt. Sampling (temperature, top_k, top_p, min_p): one value or one
+        per prompt. seed: an int (row i: fold_in(key(seed), i)) or one per prompt. stop: extra
+        stop ids (one list, or one list per prompt); the model's eos id always stops a row unless
+        ignore_eos=True. states: None or one State (or None) per prompt to continue from.
+        return_states=True: the last Generation carries each row's final State."""
+        from runtime.engine.generation import run, validate
+
+        return run(self, validate(self, prompts, max_new_tokens, **kw), _check_block(block),
+                   kw.get("return_states", False))
+
+    def generate(self, prompts, max_new_tokens=64, **kw) -> list[list[int]]:
+        """New tokens per prompt (stop token included when hit); the whole budget in as few
+        device calls as the decode block allows. Arguments as `stream`."""
+        return [c.tokens for c in self.complete(prompts, max_new_tokens, **kw)]
+
+    def complete(self, prompts, max_new_tokens=64, *, block: int | None = None, **kw) -> list[Completion]:
+        """One Completion per prompt: its new tokens, why it ended ("stop" | "length") and, with
+        return_states=True, its final State. Arguments as `stream`."""
+        from runtime.engine.generation import collect, run, validate
+
+        requests = validate(self, prompts, max_new_tokens, **kw)
+        block = self.manifest.limits.decode_block if block is None else _check_block(block)
+        return collect(run(self, requests, block, kw.get("return_states", False)), len(requests))
+
+    def prefill_state(self, prompt, state: State | None = None) -> State:
+        """The State after `prompt` (continuing from `state`), with nothing generated."""
+        from runtime.engine.generation import ingest_one
+
+        return ingest_one(self, prompt, state)
+
+    def load_state(self, path) -> State:
+        """A State written by `State.save`, checked to come from this artifact."""
+        return read_state_file(path, self.artifact_id, self.state_layout)
+
+
+def _check_block(block) -> int:
+    if not is_int(block) or block < 1:
+        raise RequestError(f"block must be a positive integer, got {block!r:.40}")
+    return int(block)
 
 
 def _parse_stablehlo(exported, rel: str) -> None:
@@ -264,6 +320,8 @@ def load(artifact_dir, weights: str | Path | None = None, seed: int = 0, **kw) -
 
     prepare=[(batch, prompt_tokens), ...] compiles for those request sizes while the weights
     load; the sizes the previous process used with this artifact are prepared anyway (when
-    the compile cache is on)."""
+    the compile cache is on). prefix_cache_mb=M keeps up to M MiB of state snapshots keyed by
+    token history (LoadedModel.prefix_cache): a request extending a cached history prefills
+    only the rest."""
     with gc_paused():
         return LoadedModel(artifact_dir, weights, seed, **kw)

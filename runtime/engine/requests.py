@@ -1,13 +1,23 @@
-"""Validation of generation requests against an artifact's limits, and their padding into buckets."""
+"""Validation of generation requests against an artifact's limits, and their padding into buckets.
+
+Every count accepts Python and numpy integers alike; every per-row setting accepts one value for
+all rows or a list with one value per row.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from numbers import Integral
 
 import numpy as np
 
 from runtime.errors import RequestError
+
+
+def is_int(v) -> bool:
+    """A Python or numpy integer (not a bool)."""
+    return isinstance(v, Integral) and not isinstance(v, bool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,16 +42,82 @@ class SamplingParams:
             raise RequestError(f"min_p must be in [0, 1), got {self.min_p}")
 
 
+@dataclasses.dataclass(frozen=True)
+class RowSettings:
+    """Per-row sampling settings as the decode function takes them (arrays of n rows)."""
+
+    temperature: np.ndarray  # f32[n]
+    top_k: np.ndarray  # i32[n]
+    top_p: np.ndarray  # f32[n]
+    min_p: np.ndarray  # f32[n]
+
+    @classmethod
+    def build(cls, n: int, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0) -> "RowSettings":
+        """Each setting: one value for every row, or a list of n; checked as SamplingParams."""
+        cols = {name: per_row(name, value, n) for name, value in
+                (("temperature", temperature), ("top_k", top_k), ("top_p", top_p), ("min_p", min_p))}
+        for i in range(n):
+            SamplingParams(*(cols[k][i] for k in ("temperature", "top_k", "top_p", "min_p"))).check()
+        return cls(np.asarray(cols["temperature"], np.float32), np.asarray(cols["top_k"], np.int32),
+                   np.asarray(cols["top_p"], np.float32), np.asarray(cols["min_p"], np.float32))
+
+    def padded(self, rows: int) -> "RowSettings":
+        """The settings for `rows` >= n rows (padding rows greedy, filters off)."""
+        n = len(self.temperature)
+        fill = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0}
+        return RowSettings(**{k: np.concatenate([getattr(self, k), np.full(rows - n, v, getattr(self, k).dtype)])
+                              for k, v in fill.items()})
+
+    def uniform(self) -> bool:
+        return all(len(set(getattr(self, k).tolist())) <= 1 for k in ("temperature", "top_k", "top_p", "min_p"))
+
+
+def per_row(name: str, value, n: int) -> list:
+    """`value` for each of n rows: a scalar repeated (its own check judges it), or a list of n."""
+    if isinstance(value, (Sequence, np.ndarray)) and not isinstance(value, (str, bytes)):
+        values = list(value)
+        if len(values) != n:
+            raise RequestError(f"{name} has {len(values)} values for {n} prompts: give one, or one per prompt")
+        return values
+    return [value] * n
+
+
 def _real(name: str, value) -> float:
-    """`value` as a float, or RequestError naming the parameter (strings, None, ...)."""
+    """`value` as a float, or RequestError naming the parameter (strings, None, bools, ...)."""
+    if isinstance(value, (bool, str, bytes)) or value is None:
+        raise RequestError(f"{name} must be a number, got {value!r:.60}")
     try:
         return float(value)
     except (TypeError, ValueError, OverflowError):
         raise RequestError(f"{name} must be a number, got {value!r:.60}") from None
 
 
-def check_prompts(prompts, limits: dict) -> list[list[int]]:
-    """A non-empty ragged list of non-empty token-id lists, inside the artifact's limits."""
+def check_prompt(i: int, p, limits: dict, allow_empty: bool = False) -> list[int]:
+    """One prompt: a list of token ids inside the vocabulary and the per-request limit."""
+    if isinstance(p, (str, bytes)):
+        raise RequestError(f"prompt {i} is not a list of integer token ids")
+    try:
+        row = [int(t) for t in p]
+        integral = all(int(t) == t for t in p)
+    except (TypeError, ValueError, OverflowError):
+        raise RequestError(f"prompt {i} is not a list of integer token ids") from None
+    if not integral or any(isinstance(t, bool) for t in p):
+        raise RequestError(f"prompt {i} has non-integer token ids")
+    if not row and not allow_empty:
+        raise RequestError(f"prompt {i} is empty: give at least one token")
+    if len(row) > limits["max_prompt_tokens"]:
+        raise RequestError(f"prompt {i} has {len(row)} tokens, over the artifact's limit of "
+                           f"{limits['max_prompt_tokens']}: re-export with --max-prompt-tokens")
+    vocab = limits["vocab_size"]
+    bad = [t for t in row if not 0 <= t < vocab]
+    if bad:
+        raise RequestError(f"prompt {i} has token id {bad[0]} outside the vocabulary [0, {vocab})")
+    return row
+
+
+def check_prompts(prompts, limits: dict, allow_empty: Sequence[bool] | None = None) -> list[list[int]]:
+    """A non-empty ragged list of token-id lists inside the artifact's limits (a row may be empty
+    where allow_empty says so: it continues from a state)."""
     if isinstance(prompts, np.ndarray) and prompts.ndim == 2:  # a rectangular batch
         prompts = prompts.tolist()
     if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or len(prompts) == 0:
@@ -49,44 +125,24 @@ def check_prompts(prompts, limits: dict) -> list[list[int]]:
     if len(prompts) > limits["max_batch"]:
         raise RequestError(f"batch of {len(prompts)} prompts is over the artifact's limit of "
                            f"{limits['max_batch']}: split it or re-export with --max-batch")
-    vocab = limits["vocab_size"]
-    out = []
-    for i, p in enumerate(prompts):
-        try:
-            row = [int(t) for t in p]
-        except (TypeError, ValueError, OverflowError):
-            raise RequestError(f"prompt {i} is not a list of integer token ids") from None
-        if any(int(t) != t for t in p):
-            raise RequestError(f"prompt {i} has non-integer token ids")
-        if not row:
-            raise RequestError(f"prompt {i} is empty: give at least one token")
-        if len(row) > limits["max_prompt_tokens"]:
-            raise RequestError(f"prompt {i} has {len(row)} tokens, over the artifact's limit of "
-                               f"{limits['max_prompt_tokens']}: re-export with --max-prompt-tokens")
-        bad = [t for t in row if not 0 <= t < vocab]
-        if bad:
-            raise RequestError(f"prompt {i} has token id {bad[0]} outside the vocabulary [0, {vocab})")
-        out.append(row)
-    return out
+    return [check_prompt(i, p, limits, bool(allow_empty and allow_empty[i])) for i, p in enumerate(prompts)]
 
 
-def check_new_tokens(n, limits: dict) -> int:
+def check_new_tokens(n, limits: dict, what: str = "max_new_tokens") -> int:
     cap = limits["max_new_tokens"]
-    try:
-        ok = not isinstance(n, bool) and int(n) == n and 1 <= n <= cap
-    except (TypeError, ValueError, OverflowError):
-        ok = False
-    if not ok:
-        raise RequestError(f"max_new_tokens must be in [1, {cap}] (the artifact's cap), got {n}")
+    if not is_int(n) or not 1 <= int(n) <= cap:
+        raise RequestError(f"{what} must be in [1, {cap}] (the artifact's cap), got {n!r:.40}")
     return int(n)
 
 
 def check_stop_ids(stop, limits: dict) -> np.ndarray:
-    """Stop ids padded with -1 to the artifact's fixed number of slots."""
-    try:
-        stop = [] if stop is None else [int(s) for s in stop]
-    except (TypeError, ValueError, OverflowError):
-        raise RequestError(f"stop must be a list of integer token ids, got {stop!r:.60}") from None
+    """Stop ids padded with -1 to the artifact's fixed number of slots: int32[S]."""
+    if stop is None:
+        stop = []
+    if isinstance(stop, (str, bytes)) or not isinstance(stop, (Sequence, np.ndarray)) \
+            or not all(is_int(s) for s in stop):
+        raise RequestError(f"stop must be a list of integer token ids, got {stop!r:.60}")
+    stop = [int(s) for s in stop]
     slots = limits["max_stop_tokens"]
     if len(stop) > slots:
         raise RequestError(f"{len(stop)} stop tokens, over the artifact's limit of {slots}")

@@ -1,11 +1,18 @@
-"""The artifact manifest (`manifest.json`): schema version 1, its validation, reading and writing.
+"""The artifact manifest (`manifest.json`): schema versions 1 and 2, validation and encoding.
 
 An artifact is a directory holding `manifest.json` plus the files it lists. The manifest is a
 UTF-8 JSON object (standard JSON: no NaN/Infinity) with exactly these top-level keys, all
 required except `mesh`:
 
     format          "mamba2-aot-artifact"
-    schema_version  1 (an int; a higher one means a newer mamba2-aot wrote it)
+    schema_version  2 (an int; 1 is still read; a higher one means a newer mamba2-aot wrote it)
+    semantics_version  (schema 2 only; schema 1 means 1) the calling convention of the functions:
+                    1: prefill(params, tokens, lengths) -> (logits, state); decode with scalar
+                       budget/start_step/sampling settings and stop_ids[S];
+                    2: prefill(params, state, tokens, lengths) -> (logits, state): continues each
+                       row from its state (all zeros = a fresh sequence); decode with per-row
+                       budget[b], steps[b], sampling settings [b] and stop_ids[b, S]; inactive rows
+                       keep their state. Every state leaf has one dimension named "b".
     created         ISO-8601 UTC timestamp, e.g. "2025-01-31T12:00:00+00:00" or "...Z"
     producer        {"package": str, "version": str, "jax": str, "jaxlib": str}
     serialization   {"jax_export_version": int, "calling_convention_version": int}
@@ -16,7 +23,12 @@ required except `mesh`:
     model           object, opaque to the runtime (model name, config, ...)
     tokens          {"bos_id": int|null, "eos_id": int|null, "pad_id": int|null}, ids < vocab_size
     limits          {"max_batch", "max_prompt_tokens", "max_new_tokens", "max_stop_tokens",
-                     "vocab_size"}: positive ints
+                     "vocab_size"}: positive ints; schema 2 adds "decode_block" (tokens per decode
+                     call: the width of its output), "max_prefill_tokens" (batch x length of one
+                     prefill call: bounds its memory) and "max_context" (null, or the most tokens
+                     one sequence may hold, e.g. a KV cache's capacity)
+    memory          (schema 2) {"prefill_activation_bytes": int >= 0}: the exporter's bound on the
+                    temporaries of the largest prefill call
     buckets         {"prompt": [int], "batch": [int]}: non-empty, positive, strictly ascending;
                     a request is padded to the smallest bucket >= its size
     functions       name -> {"inputs": [tensor], "outputs": [tensor], "files": {platform: path}}
@@ -48,7 +60,8 @@ from runtime.format.integrity import check_member_name
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "mamba2-aot-artifact"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+SEMANTICS_VERSIONS = (1, 2)
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 DTYPES = ("float32", "bfloat16")
 REQUIRED_FUNCTIONS = ("prefill", "decode")
@@ -64,6 +77,7 @@ _TOP_KEYS = (
     "mesh", "files",
 )
 _OPTIONAL_TOP_KEYS = frozenset({"mesh"})
+_V2_TOP_KEYS = ("semantics_version", "memory")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 _PLAIN = re.compile(r"[A-Za-z0-9_.\-/\[\]']{1,80}")
@@ -100,11 +114,26 @@ class Tokens:
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
-    max_batch: int
-    max_prompt_tokens: int
-    max_new_tokens: int
-    max_stop_tokens: int
-    vocab_size: int
+    """What one artifact accepts. The exporter builds it (defaults are its defaults); a schema 1
+    manifest's limits read as decode_block = max_new_tokens, max_prefill_tokens = max_batch x
+    max_prompt_tokens, max_context = None."""
+
+    max_batch: int = 64
+    max_prompt_tokens: int = 1 << 20  # per request; longer prompts run as several prefill calls
+    max_new_tokens: int = 1 << 16  # per request; decoded decode_block tokens per device call
+    max_stop_tokens: int = 8
+    decode_block: int = 256
+    max_prefill_tokens: int = 8192  # batch x length of one prefill call (its memory)
+    max_context: int | None = None  # tokens one sequence may hold (None: unbounded, an SSM state)
+    vocab_size: int = 0  # the model's (an exporter's limits leave it 0: the manifest gets the model's)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class Memory:
+    prefill_activation_bytes: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,6 +176,7 @@ class Manifest:
 
     format: str
     schema_version: int
+    semantics_version: int
     created: str
     producer: Producer
     serialization: Serialization
@@ -156,6 +186,7 @@ class Manifest:
     model: dict[str, Any]
     tokens: Tokens
     limits: Limits
+    memory: Memory | None
     buckets: Buckets
     functions: dict[str, FunctionSpec]
     weights: dict[str, Any]
@@ -276,8 +307,8 @@ def _check_header(d: dict) -> int:
             f"written by a newer mamba2-aot (schema {sv}, this reads {SCHEMA_VERSION}): "
             "upgrade mamba2-aot or re-export"
         )
-    if sv < SCHEMA_VERSION:
-        raise ArtifactError(f"manifest schema {sv} is no longer supported (this reads {SCHEMA_VERSION}): {_FIX}")
+    if sv < 1:
+        raise ArtifactError(f"manifest schema {sv} is no longer supported (this reads 1 and {SCHEMA_VERSION}): {_FIX}")
     return sv
 
 
@@ -329,10 +360,34 @@ def _tokens(v: Any, vocab_size: int) -> Tokens:
     return Tokens(**ids)
 
 
-def _limits(v: Any) -> Limits:
-    names = ("max_batch", "max_prompt_tokens", "max_new_tokens", "max_stop_tokens", "vocab_size")
-    d = _keys(v, "limits", names)
-    return Limits(**{k: _int(d[k], f"limits.{k}", 1) for k in names})
+_V1_LIMITS = ("max_batch", "max_prompt_tokens", "max_new_tokens", "max_stop_tokens", "vocab_size")
+_V2_LIMITS = (*_V1_LIMITS, "decode_block", "max_prefill_tokens", "max_context")
+
+
+def _limits(v: Any, schema: int) -> Limits:
+    d = _keys(v, "limits", _V1_LIMITS if schema == 1 else _V2_LIMITS)
+    ints = {k: _int(d[k], f"limits.{k}", 1) for k in _V1_LIMITS}
+    if schema == 1:
+        return Limits(**ints, decode_block=ints["max_new_tokens"],
+                      max_prefill_tokens=ints["max_batch"] * ints["max_prompt_tokens"])
+    context = d["max_context"]
+    return Limits(**ints, decode_block=_int(d["decode_block"], "limits.decode_block", 1),
+                  max_prefill_tokens=_int(d["max_prefill_tokens"], "limits.max_prefill_tokens", 1),
+                  max_context=None if context is None else _int(context, "limits.max_context", 1))
+
+
+def _memory(v: Any) -> Memory:
+    d = _keys(v, "memory", ("prefill_activation_bytes",))
+    return Memory(_int(d["prefill_activation_bytes"], "memory.prefill_activation_bytes", 0))
+
+
+def _semantics(v: Any) -> int:
+    if not _is_int(v):
+        raise _fail("semantics_version", "an integer", v)
+    if v not in SEMANTICS_VERSIONS:
+        raise ArtifactError(f"artifact uses function semantics {v}; this mamba2-aot runs "
+                            f"{', '.join(map(str, SEMANTICS_VERSIONS))}: upgrade mamba2-aot or re-export")
+    return v
 
 
 def _buckets(v: Any) -> Buckets:
@@ -430,13 +485,13 @@ def _parse(obj: Any) -> Manifest:
     if not isinstance(obj, dict):
         raise ArtifactError(f"manifest is not a JSON object (got {_show(obj)}): not a mamba2-aot artifact")
     sv = _check_header(obj)
-    d = _keys(obj, "", _TOP_KEYS, _OPTIONAL_TOP_KEYS)
+    d = _keys(obj, "", _TOP_KEYS if sv == 1 else (*_TOP_KEYS, *_V2_TOP_KEYS), _OPTIONAL_TOP_KEYS)
     producer = _keys(d["producer"], "producer", ("package", "version", "jax", "jaxlib"))
     serialization = _keys(d["serialization"], "serialization", ("jax_export_version", "calling_convention_version"))
     platforms = _platforms(d["platforms"])
     if d["dtype"] not in DTYPES:
         raise _fail("dtype", " or ".join(repr(x) for x in DTYPES), d["dtype"])
-    limits = _limits(d["limits"])
+    limits = _limits(d["limits"], sv)
     functions = _functions(d["functions"], platforms)
     files = _files(d["files"])
     for name, fn in functions.items():
@@ -446,6 +501,7 @@ def _parse(obj: Any) -> Manifest:
     return Manifest(
         format=FORMAT_NAME,
         schema_version=sv,
+        semantics_version=1 if sv == 1 else _semantics(d["semantics_version"]),
         created=_created(d["created"]),
         producer=Producer(**{k: _str(producer[k], f"producer.{k}") for k in ("package", "version", "jax", "jaxlib")}),
         serialization=Serialization(
@@ -458,6 +514,7 @@ def _parse(obj: Any) -> Manifest:
         model=_obj(d["model"], "model"),
         tokens=_tokens(d["tokens"], limits.vocab_size),
         limits=limits,
+        memory=None if sv == 1 else _memory(d["memory"]),
         buckets=_buckets(d["buckets"]),
         functions=functions,
         weights=_weights(d["weights"]),

@@ -70,7 +70,9 @@ def _check_request(artifact, prompts, max_new_tokens, temperature, top_k, top_p,
 @click.option("--top-p", default=1.0, show_default=True, type=float, help="1 = off.")
 @click.option("--min-p", default=0.0, show_default=True, type=float, help="0 = off; relative to the top token.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Sampling seed (and random-weights seed).")
-@click.option("--stop-id", "stop_ids", multiple=True, type=int, help="Stop token id [default: the model's eos].")
+@click.option("--stop-id", "stop_ids", multiple=True, type=int,
+              help="Another stop token id (repeat for several); the model's eos id always stops unless --ignore-eos.")
+@click.option("--ignore-eos", is_flag=True, help="Do not stop at the model's eos id (benchmarks).")
 @click.option("--stream", is_flag=True, help="Print tokens block by block as they are made.")
 @click.option("--block", default=16, show_default=True, type=int, help="Tokens per device call when streaming.")
 @click.option("--json", "as_json", is_flag=True, help='Print {"tokens": [[...], ...]}: new tokens per prompt.')
@@ -78,7 +80,7 @@ def _check_request(artifact, prompts, max_new_tokens, temperature, top_k, top_p,
               help="A tokenizer.json (or a directory holding one) for checkpoints that ship none; "
                    "encodes --prompt and decodes the output [default: the checkpoint's].")
 def generate_command(artifact, weights, texts, id_lists, max_new_tokens, temperature, top_k, top_p,
-                     min_p, seed, stop_ids, stream, block, as_json, tokenizer_path):
+                     min_p, seed, stop_ids, ignore_eos, stream, block, as_json, tokenizer_path):
     """Generate from ARTIFACT with the compiled prefill and on-device decode loop."""
     from runtime.engine.model import load
 
@@ -98,8 +100,8 @@ def generate_command(artifact, weights, texts, id_lists, max_new_tokens, tempera
                    err=True)
     if max_new_tokens is None:
         max_new_tokens = min(64, model.limits["max_new_tokens"])
-    stop = list(stop_ids) if stop_ids else ([model.eos_id] if model.eos_id is not None else [])
-    kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, stop=stop)
+    kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed,
+              stop=list(stop_ids), ignore_eos=ignore_eos)
     if stream and not as_json:
         for gen in model.stream(prompts, max_new_tokens, block=block, **kw):
             for i, row in enumerate(gen.tokens):

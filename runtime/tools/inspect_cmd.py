@@ -68,6 +68,25 @@ def _size(n: int) -> str:
     return f"{n} B"  # unreachable
 
 
+def _memory(m: Manifest) -> dict[str, Any] | None:
+    """What a sequence's state costs and what the largest call can allocate (semantics 2)."""
+    if m.semantics_version < 2:
+        return None
+    from runtime.engine.state import StateLayout
+
+    per_sequence = StateLayout.from_function(m.functions["prefill"]).bytes_per_sequence
+    lim = m.limits
+    return {
+        "state_bytes_per_sequence": per_sequence,
+        "state_bytes_at_max_batch": per_sequence * lim.max_batch,
+        "prefill_activation_bytes": m.memory.prefill_activation_bytes,
+        # Weights aside, no accepted request allocates more than this: the largest prefill call's
+        # temporaries (prompts are prefilled in segments of at most max_prefill_tokens) plus one
+        # batch of state in and out.
+        "request_bound_bytes": m.memory.prefill_activation_bytes + 2 * per_sequence * lim.max_batch,
+    }
+
+
 def describe(artifact_dir: str) -> dict[str, Any]:
     """The inspect report as a JSON-ready dict (reads only the manifest)."""
     m: Manifest = read_manifest(artifact_dir)
@@ -93,8 +112,10 @@ def describe(artifact_dir: str) -> dict[str, Any]:
             "current_jax_supported": None if current is None else in_jax_window(m, current),
             "expiry_warning": expiry_warning(m),
         },
+        "semantics_version": m.semantics_version,
         "tokens": m.raw["tokens"],
         "limits": m.raw["limits"],
+        "memory": _memory(m),
         "buckets": m.raw["buckets"],
         "mesh": None if m.mesh is None else {"axis_names": list(m.mesh.axis_names), "shape": list(m.mesh.shape)},
         "functions": {
@@ -109,6 +130,16 @@ def describe(artifact_dir: str) -> dict[str, Any]:
         "files": {rel: {"bytes": r.bytes, "sha256": r.sha256} for rel, r in m.files.items()},
         "total_bytes": m.total_bytes,
     }
+
+
+def _memory_rows(mem: dict | None) -> list[tuple[str, str]]:
+    if mem is None:
+        return []
+    return [("memory", ""),
+            ("  state", f"{_size(mem['state_bytes_per_sequence'])} per sequence whatever its length, "
+                        f"{_size(mem['state_bytes_at_max_batch'])} at max_batch"),
+            ("  prefill", f"at most {_size(mem['prefill_activation_bytes'])} of temporaries per call"),
+            ("  bound", f"no request allocates more than {_size(mem['request_bound_bytes'])} beyond the weights")]
 
 
 def _kv(d: dict) -> str:
@@ -137,9 +168,13 @@ def render(info: dict[str, Any]) -> str:
                           f"calling convention {info['serialization']['calling_convention_version']}"),
         ("compatible with", f"jax [{c['jax_min']}, {c['jax_max_exclusive']}); {here}"),
         ("expires", c["expires"] + (f" ({c['expiry_warning']})" if c["expiry_warning"] else "")),
+        ("semantics", f"version {info['semantics_version']}" + (
+            ": prefill continues from a state; per-row decode controls" if info["semantics_version"] >= 2
+            else ": prefill starts fresh; one set of decode controls per batch")),
         ("tokens", _kv(info["tokens"])),
         ("limits", _kv(info["limits"])),
         ("buckets", f"prompt {info['buckets']['prompt']}, batch {info['buckets']['batch']}"),
+        *_memory_rows(info["memory"]),
         ("mesh", "none" if info["mesh"] is None else
          " x ".join(f"{n}={s}" for n, s in zip(info["mesh"]["axis_names"], info["mesh"]["shape"]))),
         ("functions", ""),

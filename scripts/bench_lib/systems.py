@@ -110,8 +110,9 @@ class RuntimeEngine(_Engine):
     def prefill(self, tokens, lengths):
         return self.model.prefill(tokens, lengths)
 
-    def decode(self, state, logits, finished, budget, start, keys):
-        return self.model.decode(state, logits, finished, budget, start, keys, self.sampling, self.stop_ids)
+    def decode(self, state, logits, finished, budget, start, keys, sampling=None):
+        return self.model.decode(state, logits, finished, budget, start, keys, sampling or self.sampling,
+                                 self.stop_ids)
 
 
 class LiveEngine(_Engine):
@@ -134,14 +135,19 @@ class LiveEngine(_Engine):
         self.stop_ids = np.full((self.fns.limits.max_stop_tokens,), -1, np.int32)
 
     def prefill(self, tokens, lengths):
-        return self._prefill(self.params, tokens, lengths)
+        from exporter.state import empty_state
+
+        return self._prefill(self.params, empty_state(self.cfg, tokens.shape[0]), tokens, lengths)
 
     def decode(self, state, logits, finished, budget, start, keys):
         import numpy as np
 
+        b = np.shape(finished)[0]
+        row = lambda v, dt: np.full((b,), v, dt)  # noqa: E731 - one setting for every row
         f32, i32 = np.float32, np.int32
-        return self._decode(self.params, state, logits, finished, i32(budget), i32(start), keys,
-                            f32(0.0), i32(0), f32(1.0), f32(0.0), self.stop_ids)
+        return self._decode(self.params, state, logits, finished, row(budget, i32), row(start, i32), keys,
+                            row(0.0, f32), row(0, i32), row(1.0, f32), row(0.0, f32),
+                            np.tile(self.stop_ids, (b, 1)))
 
 
 class HostLoopEngine(LiveEngine):
@@ -155,7 +161,13 @@ class HostLoopEngine(LiveEngine):
 
         super().__init__(spec)
         fns = self.fns
-        self._step = jax.jit(lambda p, tok, cache: fns.model(p).step(tok, cache), donate_argnums=2)
+
+        def step(p, tok, state):
+            model = fns.model(p)
+            logits, carry = model.step(tok, model.loop_carry(state), tok >= 0)
+            return logits, model.state_dict(carry)
+
+        self._step = jax.jit(step, donate_argnums=2)
 
     def fresh(self, state):
         import jax
@@ -166,9 +178,7 @@ class HostLoopEngine(LiveEngine):
     def decode(self, state, logits, finished, budget, start, keys):
         import numpy as np
 
-        from exporter.cache import Mamba2Cache
-
-        cache = Mamba2Cache.from_dict(state) if isinstance(state, dict) else state
+        cache = state
         toks = []
         for _ in range(int(budget)):
             tok = np.argmax(np.asarray(logits), axis=-1).astype(np.int32)  # device -> host -> device
@@ -236,10 +246,41 @@ def measure_jax(system: str, spec: dict) -> dict:
                 if B == 1 and "tokens" not in res:
                     res["tokens"] = np.asarray(out[0])[0, :n][:TOKEN_CHECK].tolist()
                 log(f"decode B={B} n={n}: {r['tok_s']:.1f} tok/s total (median of {reps})", who)
+            if B == 1 and system == "runtime":
+                res["decode_sampled"] = _sampled_runtime(eng, state, logits, finished, spec, who)
 
     if "position" in measures:
         res["position"] = _position_jax(eng, spec, who)
     return res
+
+
+# Sampled decode beside greedy (batch 1): plain temperature (a categorical draw, no sort), top-k
+# (lax.top_k), top-p (the one path that sorts the vocabulary).
+SAMPLED = {"temperature": dict(temperature=0.8), "top_k": dict(temperature=0.8, top_k=40),
+           "top_p": dict(temperature=0.8, top_p=0.95)}
+
+
+def _sampled_runtime(eng, state, logits, finished, spec, who) -> dict:
+    import jax
+    import numpy as np
+
+    from runtime.engine.requests import RowSettings
+
+    n, reps, out = spec["decode_n"][0], spec["repeats"], {}
+    keys = np.array([[0, 7]], np.uint32)
+    for name, kw in SAMPLED.items():
+        settings = RowSettings.build(1, **kw)
+        jax.block_until_ready(eng.decode(state, logits, finished, 1, 0, keys, settings))  # compile
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            jax.block_until_ready(eng.decode(state, logits, finished, n, 0, keys, settings))
+            times.append(time.perf_counter() - t0)
+        r = stats(times)
+        r["tok_s"] = n / r["median_s"]
+        out[name] = r
+        log(f"sampled decode ({name}) B=1 n={n}: {r['tok_s']:.1f} tok/s (median of {reps})", who)
+    return out
 
 
 def _timed_fresh(eng, state, logits, finished, keys, n, reps) -> dict:
