@@ -14,6 +14,7 @@ from flax import nnx
 from exporter.config import Mamba2Config
 from exporter.numerics import Numerics, reference
 from exporter.ssd import ssd_chunked, ssd_step
+from exporter.state import empty_state
 
 F32 = jnp.float32
 
@@ -261,8 +262,6 @@ class Mamba2LM(nnx.Module):
 
     def forward(self, tokens):
         """All-position logits [b, t, V] and each layer's output residual (tests and verify)."""
-        from exporter.state import empty_state
-
         b, t = tokens.shape
         state = empty_state(self.cfg, b, self.dtype)
         resid, hidden, state = self._run_layers(state, tokens, jnp.full((b,), t, jnp.int32))
