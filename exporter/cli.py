@@ -9,12 +9,12 @@ import click
 
 from runtime.errors import ExportError
 
-from runtime.format.manifest import Limits
+from runtime.format.manifest import PLATFORMS, Limits
 
 from exporter.artifact import PREFILL_SEGMENT
 from exporter.config import ConfigError, load_config
 from exporter.functions import ModelFunctions
-from exporter.lowering import PLATFORMS, resolve_dtype
+from exporter.lowering import resolve_dtype
 
 
 def _positive(ctx, param, value):

@@ -172,7 +172,7 @@ def test_manifest_records_mesh_and_shardings(artifacts):
         layer + "norm.weight": [None], "backbone.norm_f.weight": [None],
     }
     assert {k: w[k] for k in expected} == expected
-    assert m.mesh.cache_shardings == {"conv": [None, None, None, "model"], "ssm": [None, None, "model", None, None]}
+    assert m.raw["mesh"]["cache_shardings"] == {"conv": [None, None, None, "model"], "ssm": [None, None, "model", None, None]}
     for rel in m.files:
         assert jax.export.deserialize(bytearray((artifacts[4] / rel).read_bytes())).nr_devices == 4
     assert "tensor parallel over 4 devices (mesh model=4)" in artifacts["cli"][4]

@@ -105,13 +105,13 @@ def _open_safetensors(file: Path):
     try:
         return safe_open(str(file), framework="numpy")
     except OSError as e:
-        raise WeightsError(f"cannot read {file}: {e.strerror or e}") from None
+        raise WeightsError(f"cannot read {file}: {e.strerror or e}") from e
     except (SafetensorError, ValueError) as e:
         detail = str(e).replace("\n", " ")
         raise WeightsError(
             f"{file} is not a valid safetensors file (truncated?): {detail}; "
             "re-download or re-convert the checkpoint"
-        ) from None
+        ) from e
 
 
 class SafetensorsCheckpoint(Checkpoint):
@@ -181,7 +181,7 @@ class SafetensorsCheckpoint(Checkpoint):
             begin, end = offsets[name]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise WeightsError(f"cannot read tensor {name} from {file}: {e}; "
-                               "the file may be corrupt: re-download or re-convert it") from None
+                               "the file may be corrupt: re-download or re-convert it") from e
         if dtype is None or end - begin != math.prod(shape) * dtype.itemsize or data_start + end > mapped.size:
             raise WeightsError(f"tensor {name} in {file} has {end - begin} bytes of data, which does not fit "
                                f"its dtype and shape {self.dtype_name(name)}{list(shape)}: the file is corrupt")
@@ -217,8 +217,9 @@ class OrbaxCheckpoint(Checkpoint):
     """An orbax PyTree checkpoint of a (flat or nested) dict of arrays, restored as numpy."""
 
     def __init__(self, path: Path):
-        import orbax.checkpoint as ocp  # lazily: only orbax checkpoints need it
+        from runtime.extras import optional_import
 
+        ocp = optional_import("orbax.checkpoint", WeightsError)  # only orbax checkpoints need it
         self._ocp = ocp
         self.path = path
         self._ckptr = ocp.PyTreeCheckpointer()
@@ -227,8 +228,8 @@ class OrbaxCheckpoint(Checkpoint):
             tree = getattr(meta, "item_metadata", meta)
             tree = getattr(tree, "tree", tree)
         except Exception as e:  # noqa: BLE001 - orbax raises many types
-            raise WeightsError(f"cannot read the orbax checkpoint {path}: {type(e).__name__}: "
-                               f"{str(e).splitlines()[0] if str(e) else ''}; re-write it with save_orbax") from None
+            raise WeightsError(f"cannot read the orbax checkpoint {path}: {_first_line(e)}; "
+                               "re-write it with save_orbax") from e
         self._keys: dict[str, tuple[str, ...]] = {}
         self._meta: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
         self._flatten(tree, ())
@@ -256,7 +257,11 @@ class OrbaxCheckpoint(Checkpoint):
     def dtype(self, name: str) -> np.dtype:
         return self._entry(name)[1]
 
-    def _restore(self, names: list[str]) -> dict[str, np.ndarray]:
+    def restore(self, names: list[str], shardings: Mapping[str, Any] | None = None,
+                dtypes: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """{name: array} in one orbax restore: numpy arrays, or, given {name: jax Sharding},
+        jax arrays restored straight into their shards (each host reads only the shards it
+        holds), cast to `dtypes[name]` where given."""
         import jax
 
         ocp = self._ocp
@@ -265,30 +270,34 @@ class OrbaxCheckpoint(Checkpoint):
         for name in names:
             if name not in self._keys:
                 raise self._unknown(name)
-            *parents, leaf = self._keys[name]
+            shape, dtype = self._meta[name]
+            if shardings is None:  # an abstract target with numpy restore type: no sharding warnings
+                leaf, arg = jax.ShapeDtypeStruct(shape, dtype), ocp.RestoreArgs(restore_type=np.ndarray)
+            else:
+                dtype = (dtypes or {}).get(name, dtype)
+                leaf = jax.ShapeDtypeStruct(shape, dtype, sharding=shardings[name])
+                arg = ocp.ArrayRestoreArgs(sharding=shardings[name], dtype=dtype, restore_type=jax.Array)
+            *parents, key = self._keys[name]
             node_i, node_a = item, args
             for k in parents:
                 node_i, node_a = node_i.setdefault(k, {}), node_a.setdefault(k, {})
-            shape, dtype = self._meta[name]
-            # An abstract target with numpy restore type: no per-array sharding warnings.
-            node_i[leaf] = jax.ShapeDtypeStruct(shape, dtype)
-            node_a[leaf] = ocp.RestoreArgs(restore_type=np.ndarray)
+            node_i[key], node_a[key] = leaf, arg
         try:
             out = self._ckptr.restore(
                 self.path, args=ocp.args.PyTreeRestore(item=item, restore_args=args, partial_restore=True))
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - orbax raises many types
             raise WeightsError(f"cannot read {', '.join(names[:3])} from the orbax checkpoint {self.path}: "
-                               f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+                               f"{_first_line(e)}") from e
         result = {}
         for name in names:
             node = out
             for k in self._keys[name]:
                 node = node[k]
-            result[name] = np.asarray(node)
+            result[name] = np.asarray(node) if shardings is None else node
         return result
 
     def read(self, name: str) -> np.ndarray:
-        return self._restore([name])[name]
+        return self.restore([name])[name]
 
     def read_many(self, names: Iterable[str]) -> Iterator[tuple[str, np.ndarray]]:
         """Restored in batches of about _ORBAX_BATCH_BYTES (one orbax restore per batch)."""
@@ -299,10 +308,16 @@ class OrbaxCheckpoint(Checkpoint):
             batch.append(name)
             size += math.prod(shape) * dtype.itemsize
             if size >= _ORBAX_BATCH_BYTES:
-                yield from self._restore(batch).items()
+                yield from self.restore(batch).items()
                 batch, size = [], 0
         if batch:
-            yield from self._restore(batch).items()
+            yield from self.restore(batch).items()
+
+
+def _first_line(e: BaseException) -> str:
+    """`Type: first line of the message`, for wrapping a library's exception in one line."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
 def _read_json_config(file: Path) -> dict | None:
@@ -311,7 +326,7 @@ def _read_json_config(file: Path) -> dict | None:
     try:
         cfg = json.loads(file.read_text())  # Python's json reads HF's `Infinity`
     except (OSError, ValueError) as e:
-        raise WeightsError(f"cannot parse {file}: {e}; fix or remove it") from None
+        raise WeightsError(f"cannot parse {file}: {e}; fix or remove it") from e
     if not isinstance(cfg, dict):
         raise WeightsError(f"{file} is not a JSON object; fix or remove it")
     return cfg
@@ -347,7 +362,7 @@ def _open_sharded(directory: Path, index: Path, config: dict | None) -> Safetens
     try:
         obj = json.loads(index.read_text())
     except (OSError, ValueError) as e:
-        raise WeightsError(f"cannot parse {index}: {e}; re-download the checkpoint") from None
+        raise WeightsError(f"cannot parse {index}: {e}; re-download the checkpoint") from e
     wmap = obj.get("weight_map") if isinstance(obj, dict) else None
     if not isinstance(wmap, dict) or not wmap:
         raise WeightsError(f"{index} has no 'weight_map' object; re-download the checkpoint")
