@@ -18,7 +18,8 @@ import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from runtime.errors import WeightsError
+from runtime.environment import environment_problem
+from runtime.errors import WeightsError, describe
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -105,7 +106,7 @@ def _open_safetensors(file: Path):
     try:
         return safe_open(str(file), framework="numpy")
     except OSError as e:
-        raise WeightsError(f"cannot read {file}: {e.strerror or e}") from e
+        raise WeightsError(environment_problem(e, file) or f"cannot read {file}: {e.strerror or e}") from e
     except (SafetensorError, ValueError) as e:
         detail = str(e).replace("\n", " ")
         raise WeightsError(
@@ -120,44 +121,29 @@ class SafetensorsCheckpoint(Checkpoint):
     def __init__(self, path: Path, files: Mapping[str, Path] | list[Path], config: dict | None):
         self.path = path
         self.config = config
-        self._handles: dict[Path, Any] = {}
         self._maps: dict[Path, tuple[np.memmap, int, dict[str, tuple[int, int]]]] = {}
-        self._keys: dict[Path, set[str]] = {}
-        self._where: dict[str, tuple[Path, Any]] = {}
+        self._where: dict[str, Path] = {}  # tensor name -> its file
         self._meta: dict[str, tuple[tuple[int, ...], str]] = {}
-        try:
-            if isinstance(files, Mapping):  # sharded: {tensor name: shard file}
-                for name, file in files.items():
-                    h = self._handle(file)
-                    if name not in self._keys[file]:
+        if isinstance(files, Mapping):  # sharded: {tensor name: shard file}
+            by_file: dict[Path, list[str]] = {}
+            for name, file in files.items():
+                by_file.setdefault(file, []).append(name)
+        else:
+            by_file = {file: None for file in files}
+        for file, names in by_file.items():  # one file open at a time: headers only
+            with _open_safetensors(file) as handle:
+                keys = set(handle.keys())
+                for name in names if names is not None else sorted(keys):
+                    if name not in keys:
                         raise WeightsError(
                             f"{path}: the index lists tensor {name} in {file.name}, which does not contain it; "
-                            "the sharded checkpoint is incomplete or its index is stale: re-download it"
-                        )
-                    self._add(name, file, h)
-            else:
-                for file in files:
-                    h = self._handle(file)
-                    for name in self._keys[file]:
-                        if name in self._where:
-                            raise WeightsError(f"{path}: tensor {name} is stored twice "
-                                               f"({self._where[name][0].name} and {file.name})")
-                        self._add(name, file, h)
-        except BaseException:
-            self.close()
-            raise
-
-    def _handle(self, file: Path):
-        if file not in self._handles:
-            h = _open_safetensors(file)
-            self._handles[file] = h
-            self._keys[file] = set(h.keys())
-        return self._handles[file]
-
-    def _add(self, name: str, file: Path, handle) -> None:
-        sl = handle.get_slice(name)
-        self._where[name] = (file, handle)
-        self._meta[name] = (tuple(int(d) for d in sl.get_shape()), str(sl.get_dtype()))
+                            "the sharded checkpoint is incomplete or its index is stale: re-download it")
+                    if name in self._where:
+                        raise WeightsError(f"{path}: tensor {name} is stored twice "
+                                           f"({self._where[name].name} and {file.name})")
+                    sl = handle.get_slice(name)
+                    self._where[name] = file
+                    self._meta[name] = (tuple(int(d) for d in sl.get_shape()), str(sl.get_dtype()))
 
     def names(self) -> list[str]:
         return list(self._where)
@@ -175,12 +161,12 @@ class SafetensorsCheckpoint(Checkpoint):
     def read(self, name: str) -> np.ndarray:
         """The tensor as a read-only view of the memory-mapped file (no copy)."""
         shape, dtype = self.shape(name), self.dtype(name)  # an unknown name raises here
-        file, _ = self._where[name]
+        file = self._where[name]
         try:
             mapped, data_start, offsets = self._mapped(file)
             begin, end = offsets[name]
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise WeightsError(f"cannot read tensor {name} from {file}: {e}; "
+            raise WeightsError(environment_problem(e, file) or f"cannot read tensor {name} from {file}: {e}; "
                                "the file may be corrupt: re-download or re-convert it") from e
         if dtype is None or end - begin != math.prod(shape) * dtype.itemsize or data_start + end > mapped.size:
             raise WeightsError(f"tensor {name} in {file} has {end - begin} bytes of data, which does not fit "
@@ -202,14 +188,6 @@ class SafetensorsCheckpoint(Checkpoint):
         return self._maps[file]
 
     def close(self) -> None:
-        for h in self._handles.values():
-            exit_ = getattr(h, "__exit__", None)
-            if exit_ is not None:
-                try:
-                    exit_(None, None, None)
-                except Exception:  # noqa: BLE001 - closing is best-effort
-                    pass
-        self._handles.clear()
         self._maps.clear()  # views already handed out keep their map alive
 
 
@@ -228,7 +206,7 @@ class OrbaxCheckpoint(Checkpoint):
             tree = getattr(meta, "item_metadata", meta)
             tree = getattr(tree, "tree", tree)
         except Exception as e:  # noqa: BLE001 - orbax raises many types
-            raise WeightsError(f"cannot read the orbax checkpoint {path}: {_first_line(e)}; "
+            raise WeightsError(f"cannot read the orbax checkpoint {path}: {describe(e)}; "
                                "re-write it with save_orbax") from e
         self._keys: dict[str, tuple[str, ...]] = {}
         self._meta: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
@@ -287,7 +265,7 @@ class OrbaxCheckpoint(Checkpoint):
                 self.path, args=ocp.args.PyTreeRestore(item=item, restore_args=args, partial_restore=True))
         except Exception as e:  # noqa: BLE001 - orbax raises many types
             raise WeightsError(f"cannot read {', '.join(names[:3])} from the orbax checkpoint {self.path}: "
-                               f"{_first_line(e)}") from e
+                               f"{describe(e)}") from e
         result = {}
         for name in names:
             node = out
@@ -312,12 +290,6 @@ class OrbaxCheckpoint(Checkpoint):
                 batch, size = [], 0
         if batch:
             yield from self.restore(batch).items()
-
-
-def _first_line(e: BaseException) -> str:
-    """`Type: first line of the message`, for wrapping a library's exception in one line."""
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
 def _read_json_config(file: Path) -> dict | None:
