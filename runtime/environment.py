@@ -9,12 +9,12 @@ import shutil
 
 
 def fmt_bytes(n: int) -> str:
-    """`71.4 kB`, as sizes appear in messages."""
-    for unit in ("bytes", "kB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n} bytes"  # unreachable
+    """`69.7 KiB`, as sizes appear in messages and `inspect` (binary units, as `df -h` counts)."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"  # unreachable
 
 
 def free_space(path) -> int | None:

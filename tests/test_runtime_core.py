@@ -149,3 +149,11 @@ def test_concurrent_generate_calls_equal_their_solo_runs(tiny):
     for t in threads:
         t.join(300)
     assert [results.get(i) for i in range(len(requests))] == solo
+
+
+def test_no_assert_as_a_runtime_check():
+    """`python -O` strips asserts: exporter/ and runtime/ check with real errors."""
+    found = [f"{path.relative_to(REPO)}:{node.lineno}" for part in ("exporter", "runtime")
+             for path in sorted((REPO / part).rglob("*.py"))
+             for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Assert)]
+    assert found == []

@@ -146,12 +146,20 @@ def _warning_printer(previous):
     return show
 
 
+def _quiet_unraisablehook(unraisable) -> None:
+    """Drop a library callback's stray traceback (MAMBA2_AOT_DEBUG=1 shows them)."""
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point (`mamba2-aot`)."""
-    if not _debug():  # libraries' own log lines (orbax's absl ERRORs): the one error line says it
+    if not _debug():  # the CLI owns its process: libraries' own noise stays off the terminal
         import logging
 
-        logging.getLogger("absl").setLevel(logging.CRITICAL)
+        logging.getLogger("absl").setLevel(logging.CRITICAL)  # orbax's absl ERROR lines
+        # Exceptions raised in libraries' native callbacks (tensorstore's "Event loop is closed"
+        # after orbax's failed read, many per failure, before and after the error line) are
+        # "unraisable": nothing catches them, sys.unraisablehook prints them.
+        sys.unraisablehook = _quiet_unraisablehook
     with warnings.catch_warnings():
         warnings.simplefilter("always", Mamba2AOTWarning)
         # jax's own line per unreadable compile-cache entry: the runtime says it once instead
