@@ -337,7 +337,8 @@ def peaks(device_kind: str, platform: str, measured: dict) -> dict:
     out = {}
     for dtype in ("float32", "bfloat16"):
         if known is not None:
-            key = "bfloat16_tflops" if dtype == "bfloat16" else ("tf32_tflops" if platform == "cuda" else "float32_tflops")
+            key = ("bfloat16_tflops" if dtype == "bfloat16"
+                   else "tf32_tflops" if platform == "cuda" else "float32_tflops")
             tflops = known.get(key) or known.get("bfloat16_tflops")
             out[dtype] = {"gb_s": known["hbm_gb_s"], "tflops": tflops, "source": f"table ({key})"}
         else:

@@ -15,7 +15,6 @@ import functools
 import hashlib
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -76,10 +75,12 @@ def _in_tmpfs(options: str, mnt: Path, argv: list[str], env: dict) -> tuple[subp
     return r, listing[len("LISTING:"):].split()
 
 
-def _limited(limit: int, value: int):
-    def set_limit():
-        resource.setrlimit(limit, (value, value))
-    return set_limit
+def _limited(limit: str, value: int, argv: list[str]) -> list[str]:
+    """argv under the resource limit `limit` (set in a launcher that then execs argv: no
+    preexec_fn, which would fork this multithreaded process)."""
+    launch = "import os, resource, sys; resource.setrlimit(getattr(resource, sys.argv[1]), (int(sys.argv[2]),) * 2); " \
+             "os.execv(sys.argv[3], sys.argv[3:])"
+    return [sys.executable, "-c", launch, limit, str(value), *argv]
 
 
 # ---------------------------------------------------------------- a full disk
@@ -146,9 +147,9 @@ def test_the_file_size_limit_during_export(tmp_path):
     """RLIMIT_FSIZE (`ulimit -f`): every write past it fails with EFBIG; no mount needed."""
     out = tmp_path / "out"
     out.mkdir()
-    r = subprocess.run([*CLI, "export", "--model", str(WEIGHTS), "--out", str(out / "art")], capture_output=True,
-                       text=True, env=subprocess_env(tmp_path / "cache"), cwd=REPO, timeout=300,
-                       preexec_fn=_limited(resource.RLIMIT_FSIZE, 16384))
+    argv = [*CLI, "export", "--model", str(WEIGHTS), "--out", str(out / "art")]
+    r = subprocess.run(_limited("RLIMIT_FSIZE", 16384, argv), capture_output=True, text=True,
+                       env=subprocess_env(tmp_path / "cache"), cwd=REPO, timeout=300)
     _one_error(r, f"cannot write {out}/art/cpu/", "over this process's file size limit of 16.0 KiB (`ulimit -f`); "
                "it needs ", "raise the limit")
     assert os.listdir(out) == []
@@ -215,8 +216,8 @@ def test_too_many_open_files(tmp_path):
     (shards / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     assert len(weight_map) >= 16
     env = subprocess_env(tmp_path / "cache")
-    r = subprocess.run([*CLI, *GENERATE, "--weights", str(shards)], capture_output=True, text=True, env=env,
-                       cwd=REPO, timeout=300, preexec_fn=_limited(resource.RLIMIT_NOFILE, 12))
+    r = subprocess.run(_limited("RLIMIT_NOFILE", 12, [*CLI, *GENERATE, "--weights", str(shards)]),
+                       capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     _one_error(r, "too many open files opening ", "(this process may open 12): raise the limit (`ulimit -n`)")
     r = subprocess.run([*CLI, *GENERATE, "--weights", str(shards)], capture_output=True, text=True, env=env,
                        cwd=REPO, timeout=300)  # the same checkpoint loads under the usual limit

@@ -80,7 +80,8 @@ def test_the_engine_runs_without_tools_or_fcntl(tmp_path):
                    ARTIFACT, "random", json.dumps(EXPECTED["prompts"]), env=env)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    assert [m for m in out["modules"] if m.startswith("runtime.tools")] == ["runtime.tools", "runtime.tools.random_init"]
+    tools = [m for m in out["modules"] if m.startswith("runtime.tools")]
+    assert tools == ["runtime.tools", "runtime.tools.random_init"]
 
 
 _COUNT_OPENS = textwrap.dedent("""

@@ -177,7 +177,8 @@ class Placement:
                            dtypes={plan[t.name]: t.dtype for t in spec.tensors})
         result = {t.name: out[plan[t.name]] for t in spec.tensors}
         if check_finite:
-            counts = jax.jit(lambda d: {k: (jnp.sum(jnp.isnan(v)), jnp.sum(jnp.isinf(v))) for k, v in d.items()})(result)
+            count = jax.jit(lambda d: {k: (jnp.sum(jnp.isnan(v)), jnp.sum(jnp.isinf(v))) for k, v in d.items()})
+            counts = count(result)  # {name: (NaN count, Inf count)}, each on the devices holding it
             error = nonfinite_error(ckpt.path, {source_label(plan[t.name], t): tuple(map(int, counts[t.name]))
                                                 for t in spec.tensors})
             if error is not None:

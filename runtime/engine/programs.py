@@ -175,9 +175,13 @@ class Programs:
         with self._lock:
             items = list(self._compiled.items())
             pending = set(self._pending)
-        return [{"function": name, "dims": dict(dims),
-                 "state": "queued" if (name, dims) in pending else "ready" if fut.done() else "compiling"}
-                for (name, dims), fut in items if not fut.cancelled()]
+        out = []
+        for (name, dims), fut in items:
+            if fut.cancelled() or (fut.done() and fut.exception() is not None):
+                continue  # dropped, or failed (being forgotten)
+            state = "queued" if (name, dims) in pending else "ready" if fut.done() else "compiling"
+            out.append({"function": name, "dims": dict(dims), "state": state})
+        return out
 
     def _compile_module(self, name: str, dims: dict[str, int]):
         exported = self.exported(name)
