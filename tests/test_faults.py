@@ -159,26 +159,19 @@ def test_the_file_size_limit_during_export(tmp_path):
 
 
 @needs_tmpfs
-def test_a_read_only_compile_cache_is_one_warning_and_generation_works(tmp_path):
+@pytest.mark.parametrize("options, warning", [
+    ("ro", "cannot use the compile cache at {mnt} (Read-only file system): every start compiles again; set "
+           "MAMBA2_AOT_CACHE_DIR to a writable directory"),
+    # usable at load (an empty file fits), but its first entry does not
+    ("size=4k", "cannot use the compile cache at {mnt} (No space left on device): continuing without it; every "
+                "start compiles again until it is writable"),
+], ids=["read-only", "full"])
+def test_an_unusable_compile_cache_is_one_warning_and_generation_works(tmp_path, options, warning):
     mnt = tmp_path / "cache"
-    r, _ = _in_tmpfs("ro", mnt, [*CLI, *GENERATE, "--weights", str(WEIGHTS)], subprocess_env(mnt))
+    r, _ = _in_tmpfs(options, mnt, [*CLI, *GENERATE, "--weights", str(WEIGHTS)], subprocess_env(mnt))
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["tokens"] == EXPECTED["tokens"]
-    assert [ln for ln in r.stderr.splitlines() if ln.strip()] == [
-        f"warning: cannot use the compile cache at {mnt} (Read-only file system): every start compiles again; "
-        "set MAMBA2_AOT_CACHE_DIR to a writable directory"]
-
-
-@needs_tmpfs
-def test_a_full_compile_cache_is_switched_off_with_one_warning(tmp_path):
-    """The cache directory is usable at load (an empty file fits) but its first entry is not."""
-    mnt = tmp_path / "cache"
-    r, _ = _in_tmpfs("size=4k", mnt, [*CLI, *GENERATE, "--weights", str(WEIGHTS)], subprocess_env(mnt))
-    assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["tokens"] == EXPECTED["tokens"]
-    assert [ln for ln in r.stderr.splitlines() if ln.strip()] == [
-        f"warning: cannot use the compile cache at {mnt} (No space left on device): continuing without it; "
-        "every start compiles again until it is writable"]
+    assert [ln for ln in r.stderr.splitlines() if ln.strip()] == ["warning: " + warning.format(mnt=mnt)]
 
 
 @needs_tmpfs
