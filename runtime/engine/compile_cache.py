@@ -78,7 +78,8 @@ def enable(path: Path | None = None, warn: Warn = lambda message: None) -> Path 
                 compilation_cache.reset_cache()
         if jax.config.jax_persistent_cache_min_compile_time_secs == _DEFAULT_MIN_COMPILE_SECS:
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-        _owned = _Owned(path)
+        if _owned is None or _owned.path != path:  # one record per directory: repairs are counted there
+            _owned = _Owned(path)
     return path
 
 
