@@ -114,10 +114,11 @@ def model_config(name: str):
 
 
 def limits_for(s: Settings):
-    from exporter.functions import Limits
+    from runtime.format.manifest import Limits
 
-    return Limits(max_batch=max(s.batches + (8,)), max_prompt_tokens=s.prefill_tokens,
-                  max_new_tokens=max(s.steps, s.decode_tokens), max_stop_tokens=1)
+    batch, block = max(s.batches + (8,)), max(s.steps, s.decode_tokens)
+    return Limits(max_batch=batch, max_prompt_tokens=s.prefill_tokens, max_new_tokens=block, max_stop_tokens=1,
+                  decode_block=block, max_prefill_tokens=max(s.prefill_tokens, batch * 16))
 
 
 def write_weights(cfg, work: Path, seed: int = 0) -> tuple[Path, dict]:
@@ -162,12 +163,14 @@ class Reference:
             return np.asarray(self._forward(self.params, jax.device_put(tokens, self.cpu)))
 
     def prefill(self, tokens, lengths):
-        """(logits [b, V], state) after each row's tokens[:length]."""
+        """(logits [b, V], state) after each row's tokens[:length], from a fresh (zero) state."""
         import jax
+        import jax.numpy as jnp
         import numpy as np
 
         with jax.default_device(self.cpu):
-            logits, state = self._prefill(self.params, jax.device_put(tokens, self.cpu),
+            fresh = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self.fns.state_specs(tokens.shape[0]))
+            logits, state = self._prefill(self.params, fresh, jax.device_put(tokens, self.cpu),
                                           jax.device_put(lengths, self.cpu))
             return np.asarray(logits), jax.tree.map(np.asarray, state)
 
