@@ -370,6 +370,10 @@ def orchestrate(a) -> int:
         results["notes"].append("--quick: smoke-test settings (2 layers, 1 repeat), not a benchmark")
     if a.layers:
         results["notes"].append(f"--layers {a.layers}: the issue's goals (set for the full 130m) do not apply")
+    load, cpus = os.getloadavg()[0], os.cpu_count() or 1
+    if load > 0.5 * cpus:
+        results["notes"].append(f"load average {load:.1f} on {cpus} cpus at the start: the machine is busy, so "
+                                "these numbers are not a benchmark (llama.cpp's spinning threads suffer most)")
     json_path, table_path = out / "bench-llamacpp.json", out / "bench-llamacpp.txt"
 
     def save():

@@ -2,7 +2,8 @@
 
 Each task is a fresh interpreter (scripts/bench_llamacpp.py --worker ours) that imports
 `runtime`, loads the artifact and the HF checkpoint with `runtime.load`, and generates with
-`LoadedModel.stream` / `generate`, stop=[] (no stop token: every row runs its full length).
+`LoadedModel.stream` / `generate`, stop=[] and ignore_eos=True (no stop token: every row runs its
+full length).
 
   tokens   greedy tokens of one prompt (the agreement check against llama.cpp f32)
   decode   B rows of a P-token prompt; stream(max_new_tokens=block + n, block=block): the first
@@ -20,6 +21,8 @@ from __future__ import annotations
 import time
 
 from bench_lib.common import prompt_tokens
+
+NO_STOP = {"stop": [], "ignore_eos": True}
 
 
 def _vm() -> dict:
@@ -49,10 +52,10 @@ def run(spec: dict) -> dict:
 
     if task == "tokens":
         prompt = [spec["prompt"]]
-        res["tokens"] = model.generate(prompt, spec["n"], stop=[])[0]
+        res["tokens"] = model.generate(prompt, spec["n"], **NO_STOP)[0]
     elif task == "rss":
         prompt = prompt_tokens(V, 1, P, seed).tolist()
-        out = model.generate(prompt, spec["n"], stop=[])
+        out = model.generate(prompt, spec["n"], **NO_STOP)
         res["generated"] = len(out[0])
     elif task == "decode":
         n = spec["n"]
@@ -63,7 +66,7 @@ def run(spec: dict) -> dict:
         prompts = prompt_tokens(V, B, P, seed).tolist()
         arrivals, counts = [], []
         t_call = time.perf_counter()
-        for gen in model.stream(prompts, max_new_tokens=block + n, block=block, stop=[]):
+        for gen in model.stream(prompts, max_new_tokens=block + n, block=block, **NO_STOP):
             arrivals.append(time.perf_counter())
             counts.append(sum(len(t) for t in gen.tokens))
         timed = sum(counts[1:])
@@ -74,10 +77,10 @@ def run(spec: dict) -> dict:
     elif task == "prefill":
         prompt = prompt_tokens(V, 1, T, seed).tolist()
         t1 = time.perf_counter()
-        model.generate(prompt, 1, stop=[])  # warm-up: compile or cache load, first execution
+        model.generate(prompt, 1, **NO_STOP)  # warm-up: compile or cache load, first execution
         res["warmup_s"] = time.perf_counter() - t1
         t_call = time.perf_counter()
-        it = model.stream(prompt, max_new_tokens=2, block=1, stop=[])
+        it = model.stream(prompt, max_new_tokens=2, block=1, **NO_STOP)
         next(it)
         t_first = time.perf_counter()
         next(it)
