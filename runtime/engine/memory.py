@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import sys
 
 _UNRESOLVED = object()
@@ -24,7 +23,7 @@ def release_freed_memory() -> bool:
         _malloc_trim = None
         if sys.platform.startswith("linux"):
             try:
-                fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+                fn = ctypes.CDLL(None).malloc_trim  # the process's own C library, no lookup
                 fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
                 _malloc_trim = fn
             except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
