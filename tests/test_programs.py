@@ -120,6 +120,25 @@ def test_prepare_compiles_ahead_and_changes_nothing(tiny):
     assert ("prefill", 1, 16) in _submitted(model)
 
 
+def test_each_compile_hands_its_freed_heap_back(tiny, monkeypatch):
+    """Compiling frees most of what it allocated; those pages go back to the OS once per
+    program (runtime.engine.memory), not per call."""
+    import runtime.engine.programs as programs
+    from runtime.engine.memory import release_freed_memory
+    from runtime.engine.programs import solve_dims
+
+    model = runtime.load(tiny.path, tiny.weights, use_compile_cache=False)
+    here = threading.get_ident()
+    calls = []  # from this thread only: other tests' workers may still be compiling
+    monkeypatch.setattr(programs, "release_freed_memory",
+                        lambda: calls.append(threading.get_ident() == here) or release_freed_memory())
+    dims = solve_dims(model.manifest.functions["prefill"], {"tokens": (2, 16)})
+    program = model._programs.get("prefill", dims)  # never prepared: compiled on this thread
+    assert calls.count(True) == 1
+    assert model._programs.get("prefill", dims) is program
+    assert calls.count(True) == 1
+
+
 @pytest.mark.parametrize("size", [(0, 4), (1, 0), (9, 4), (1, 65), (1.5, 4), (True, 4)])
 def test_prepare_refuses_sizes_outside_the_limits(tiny, size):
     with pytest.raises(RequestError, match="prepare: "):

@@ -393,6 +393,33 @@ def test_orbax_round_trip(tmp_path, dtype):
     assert open_checkpoint(out).config is None
 
 
+def _rss_file_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1]) / 1024
+    pytest.skip("no RssFile in /proc/self/status")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs Linux /proc")
+def test_safetensors_read_many_releases_pages(tmp_path):
+    """A tensor's mapped pages leave the process once the next one is asked for (the loader
+    copies each tensor: holding the whole mapped file beside the copies doubled peak RSS),
+    and views handed out earlier still read the file's data."""
+    rng = np.random.default_rng(0)
+    arrays = {f"t{i}": rng.standard_normal((1024, 4096)).astype(np.float32) for i in range(4)}  # 16 MiB each
+    d = _save(tmp_path, arrays)
+    with open_checkpoint(d) as ckpt:
+        before = _rss_file_mib()
+        views, grew = {}, []
+        for name, view in ckpt.read_many(sorted(arrays)):
+            views[name] = view
+            float(view.sum())  # touch every page
+            grew.append(_rss_file_mib() - before)
+        assert max(grew) < 40, grew  # without the release: 16, 32, 48, 64 MiB
+        for name, v in arrays.items():  # released pages refault from the file
+            np.testing.assert_array_equal(views[name], v)
+
+
 def test_orbax_reads_in_batches(tmp_path, spec, monkeypatch):
     import runtime.engine.checkpoints as rw
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
@@ -121,8 +122,16 @@ class SafetensorsCheckpoint(Checkpoint):
     def __init__(self, path: Path, files: Mapping[str, Path] | list[Path], config: dict | None):
         self.path = path
         self.config = config
+<<<<<<< HEAD
         self._maps: dict[Path, tuple[np.memmap, int, dict[str, tuple[int, int]]]] = {}
         self._where: dict[str, Path] = {}  # tensor name -> its file
+=======
+        self._handles: dict[Path, Any] = {}
+        self._maps: dict[Path, tuple[np.ndarray, int, dict[str, tuple[int, int]]]] = {}
+        self._raw: dict[Path, mmap.mmap] = {}  # the maps themselves (views of them are handed out)
+        self._keys: dict[Path, set[str]] = {}
+        self._where: dict[str, tuple[Path, Any]] = {}
+>>>>>>> llama
         self._meta: dict[str, tuple[tuple[int, ...], str]] = {}
         if isinstance(files, Mapping):  # sharded: {tensor name: shard file}
             by_file: dict[Path, list[str]] = {}
@@ -173,7 +182,27 @@ class SafetensorsCheckpoint(Checkpoint):
                                f"its dtype and shape {self.dtype_name(name)}{list(shape)}: the file is corrupt")
         return mapped[data_start + begin:data_start + end].view(dtype).reshape(shape)
 
-    def _mapped(self, file: Path) -> tuple[np.memmap, int, dict[str, tuple[int, int]]]:
+    def read_many(self, names: Iterable[str]) -> Iterator[tuple[str, np.ndarray]]:
+        """As `read`, one tensor at a time. Once the caller asks for the next tensor, the previous
+        one's pages leave this process (madvise DONTNEED; they stay in the page cache), so a load
+        that copies each tensor never holds the mapped file beside its copies (130m: peak RSS
+        1179 -> 687 MiB). Views stay valid: a read-only file mapping refaults on access."""
+        for name in names:
+            arr = self.read(name)
+            yield name, arr
+            self._release(name)
+
+    def _release(self, name: str) -> None:
+        file = self._where[name][0]
+        raw, data_start = self._raw[file], self._maps[file][1]
+        begin, end = self._maps[file][2][name]
+        start = (data_start + begin) // mmap.PAGESIZE * mmap.PAGESIZE
+        try:
+            raw.madvise(mmap.MADV_DONTNEED, start, data_start + end - start)
+        except (AttributeError, OSError, ValueError):  # no madvise here: the pages stay mapped
+            pass
+
+    def _mapped(self, file: Path) -> tuple[np.ndarray, int, dict[str, tuple[int, int]]]:
         """(read-only map of the file, where tensor data starts, {name: (begin, end)}).
 
         The header layout (8-byte little-endian length, then JSON with each tensor's
@@ -182,13 +211,15 @@ class SafetensorsCheckpoint(Checkpoint):
             with open(file, "rb") as f:
                 n = int.from_bytes(f.read(8), "little")
                 header = json.loads(f.read(n))
+                self._raw[file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             offsets = {k: (int(v["data_offsets"][0]), int(v["data_offsets"][1]))
                        for k, v in header.items() if k != "__metadata__"}
-            self._maps[file] = (np.memmap(file, dtype=np.uint8, mode="r"), 8 + n, offsets)
+            self._maps[file] = (np.frombuffer(self._raw[file], np.uint8), 8 + n, offsets)
         return self._maps[file]
 
     def close(self) -> None:
         self._maps.clear()  # views already handed out keep their map alive
+        self._raw.clear()
 
 
 class OrbaxCheckpoint(Checkpoint):

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from runtime.engine import compile_cache
+from runtime.engine.memory import release_freed_memory
 from runtime.errors import ArtifactError
 from runtime.format.manifest import FunctionSpec
 
@@ -191,7 +192,9 @@ class Programs:
             raise ArtifactError(f"function {name}: the manifest lists {len(leaves)} inputs but the module "
                                 f"takes {len(exported.in_avals)}: re-export the artifact")
         args, kwargs = jax.tree.unflatten(exported.in_tree, leaves)
-        return compile_cache.compile_lowered(jax.jit(exported.call).lower(*args, **kwargs), self._warn)
+        compiled = compile_cache.compile_lowered(jax.jit(exported.call).lower(*args, **kwargs), self._warn)
+        release_freed_memory()  # what lowering and compiling freed (130m: peak RSS -20..50 MiB)
+        return compiled
 
     def _valid(self, name: str, dims: dict) -> bool:
         symbols = {d for t in self._specs[name].inputs for d in t.shape if isinstance(d, str)}
