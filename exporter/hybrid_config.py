@@ -1,0 +1,357 @@
+"""Hybrid (Mamba-2 + attention) model configurations: any HF `config.json` of the supported
+families, and presets with the published shapes.
+
+One dataclass covers every family; `family` picks the layer structure and the checkpoint names
+(exporter.hybrid). Per checkpoint layer, `layer_types` says what the layer mixes with:
+"mamba" or "attention" (Bamba, Granite-4.0-H: every layer then has its feed-forward part), or
+for Nemotron-H, whose layers are single blocks, also "mlp" and "moe".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from exporter.config import ConfigError, Mamba2Config, _hf_float, _json_float
+
+FAMILIES = ("bamba", "nemotron_h", "granitemoehybrid")
+ARCHITECTURES = {
+    "BambaForCausalLM": "bamba",
+    "NemotronHForCausalLM": "nemotron_h",
+    "GraniteMoeHybridForCausalLM": "granitemoehybrid",
+}
+_LEGACY_TYPES = {"mamba": "mamba", "linear_attention": "mamba", "attention": "attention",
+                 "full_attention": "attention", "mlp": "mlp", "moe": "moe"}
+_NEMOTRON_PATTERN = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
+
+
+@dataclasses.dataclass(frozen=True)
+class MambaMixerConfig(Mamba2Config):
+    """Mamba2Config whose inner width may differ from expand * hidden_size (Nemotron-H:
+    mamba_num_heads * mamba_head_dim). The Mixer reads everything through this config."""
+
+    d_inner: int = 0  # 0: expand * hidden_size
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.d_inner or int(self.expand * self.hidden_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class HybridConfig:
+    """Hyper-parameters of one hybrid LM (field names follow the HF configs where they agree)."""
+
+    family: str
+    layer_types: tuple[str, ...]
+    hidden_size: int
+    vocab_size: int
+    norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+    # Mamba-2 layers
+    mamba_num_heads: int = 128
+    mamba_head_dim: int = 64
+    mamba_n_groups: int = 1
+    mamba_d_state: int = 128
+    mamba_d_conv: int = 4
+    mamba_chunk_size: int = 256
+    mamba_conv_bias: bool = True
+    mamba_proj_bias: bool = False
+    time_step_limit: tuple[float, float] = (0.0, math.inf)
+    # attention layers
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 8
+    head_dim: int = 128
+    attention_bias: bool = False
+    attention_scale: float = 0.0  # 0: head_dim ** -0.5
+    rotary_dim: int = 0  # leading dims of each head rotated by RoPE; 0: no RoPE
+    rope_theta: float = 10000.0
+    # feed-forward: dense MLP (Bamba feed_forward, Nemotron "mlp", Granite shared_mlp)
+    intermediate_size: int = 0
+    mlp_act: str = "silu"  # "silu" (gated) or "relu2" (Nemotron-H, not gated)
+    mlp_bias: bool = False
+    # mixture of experts (Granite block_sparse_moe, Nemotron "moe")
+    num_experts: int = 0
+    experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    shared_intermediate_size: int = 0
+    moe_latent_size: int = 0  # Nemotron: experts run in a projected latent space (0: none)
+    n_group: int = 1  # Nemotron router: expert groups, of which topk_group are searched
+    topk_group: int = 1
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
+    # Granite multipliers
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    logits_scaling: float = 1.0
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+    name: str = "custom"
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ConfigError(f"unknown hybrid family {self.family!r}; supported: {', '.join(FAMILIES)}")
+        types = tuple(self.layer_types)
+        allowed = {"mamba", "attention"} | ({"mlp", "moe"} if self.family == "nemotron_h" else set())
+        bad = sorted(set(types) - allowed)
+        if bad:
+            raise ConfigError(f"{self.family}: unsupported layer types {bad}; allowed {sorted(allowed)}")
+        object.__setattr__(self, "layer_types", types)
+        lo, hi = self.time_step_limit
+        object.__setattr__(self, "time_step_limit", (float(lo), float(hi)))
+        if self.num_attention_heads % max(self.num_key_value_heads, 1):
+            raise ConfigError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                              f"num_key_value_heads {self.num_key_value_heads}")
+        if self.rotary_dim % 2 or self.rotary_dim > self.head_dim:
+            raise ConfigError(f"rotary_dim {self.rotary_dim} must be even and at most head_dim {self.head_dim}")
+        if self.mamba_num_heads % self.mamba_n_groups:
+            raise ConfigError(f"mamba_num_heads {self.mamba_num_heads} is not a multiple of "
+                              f"mamba_n_groups {self.mamba_n_groups}")
+        if self.has_moe and not 0 < self.experts_per_tok <= self.num_experts:
+            raise ConfigError(f"experts_per_tok {self.experts_per_tok} must be in [1, num_experts "
+                              f"{self.num_experts}]")
+        if self.has_moe and self.family == "nemotron_h" and (
+                self.num_experts % self.n_group or not 0 < self.topk_group <= self.n_group):
+            raise ConfigError(f"n_routed_experts {self.num_experts}, n_group {self.n_group}, topk_group "
+                              f"{self.topk_group}: experts must split into n_group groups, topk_group <= n_group")
+        if self.mlp_act not in ("silu", "relu2"):
+            raise ConfigError(f"MLP activation {self.mlp_act!r} is not supported (silu, relu2)")
+
+    # --- derived -----------------------------------------------------------------------------
+    @property
+    def num_hidden_layers(self) -> int:
+        return len(self.layer_types)
+
+    @property
+    def mamba_layers(self) -> tuple[int, ...]:
+        return tuple(i for i, t in enumerate(self.layer_types) if t == "mamba")
+
+    @property
+    def attention_layers(self) -> tuple[int, ...]:
+        return tuple(i for i, t in enumerate(self.layer_types) if t == "attention")
+
+    @property
+    def has_moe(self) -> bool:
+        if self.family == "nemotron_h":
+            return "moe" in self.layer_types
+        return self.family == "granitemoehybrid" and self.num_experts > 0
+
+    @property
+    def scale(self) -> float:
+        return self.attention_scale or self.head_dim ** -0.5
+
+    @property
+    def mixer_config(self) -> MambaMixerConfig:
+        """The config our Mamba-2 Mixer (exporter.model) is built from."""
+        d_inner = self.mamba_num_heads * self.mamba_head_dim
+        return MambaMixerConfig(
+            hidden_size=self.hidden_size, num_hidden_layers=len(self.mamba_layers), vocab_size=self.vocab_size,
+            state_size=self.mamba_d_state, head_dim=self.mamba_head_dim, num_heads=self.mamba_num_heads,
+            n_groups=self.mamba_n_groups, conv_kernel=self.mamba_d_conv, chunk_size=self.mamba_chunk_size,
+            layer_norm_epsilon=self.norm_eps, use_bias=self.mamba_proj_bias, use_conv_bias=self.mamba_conv_bias,
+            tie_word_embeddings=self.tie_word_embeddings, time_step_limit=self.time_step_limit,
+            d_inner=d_inner, expand=max(1, d_inner // self.hidden_size), name=f"{self.name}-mamba",
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["layer_types"] = list(self.layer_types)
+        d["time_step_limit"] = [_json_float(v) for v in self.time_step_limit]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "HybridConfig":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in fields}
+        kw["layer_types"] = tuple(kw["layer_types"])
+        if "time_step_limit" in kw:
+            kw["time_step_limit"] = tuple(_hf_float(v) for v in kw["time_step_limit"])
+        return cls(**kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# HF config.json -> HybridConfig
+
+
+def _first(v):
+    return (v[0] if v else None) if isinstance(v, list) else v
+
+
+def _rope(hf: dict, default_partial: float = 1.0) -> tuple[float, float]:
+    """(theta, partial_rotary_factor) from transformers 5's rope_parameters or the older keys."""
+    rp = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if not isinstance(rp, dict):
+        raise ConfigError(f"rope_parameters {rp!r} is not an object")
+    kind = rp.get("rope_type", rp.get("type", "default"))
+    if kind != "default":
+        raise ConfigError(f"RoPE type {kind!r} is not supported (only 'default')")
+    theta = float(rp.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    partial = float(rp.get("partial_rotary_factor", hf.get("partial_rotary_factor", default_partial)))
+    return theta, partial
+
+
+def _layer_types(values, where: str) -> tuple[str, ...]:
+    try:
+        return tuple(_LEGACY_TYPES[v] for v in values)
+    except (KeyError, TypeError):
+        raise ConfigError(f"{where}: unknown layer types in {values!r}") from None
+
+
+def _common(hf: dict, name: str) -> dict:
+    return dict(
+        hidden_size=int(hf.get("hidden_size", 4096)),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        bos_token_id=_first(hf.get("bos_token_id", 1)),
+        eos_token_id=_first(hf.get("eos_token_id", 2)),
+        pad_token_id=_first(hf.get("pad_token_id", 0)),
+        time_step_limit=tuple(_hf_float(v) for v in hf.get("time_step_limit", (0.0, math.inf))),
+        name=name,
+    )
+
+
+def _ibm_mamba(hf: dict, hidden: int, d_inner: int | None = None) -> dict:
+    """The mamba_* keys shared by Bamba and Granite-4.0-H."""
+    heads = int(hf.get("mamba_n_heads", 128))
+    d_inner = d_inner or int(hf.get("mamba_expand", 2)) * hidden
+    d_head = hf.get("mamba_d_head", "auto")
+    return dict(
+        mamba_num_heads=heads, mamba_head_dim=d_inner // heads if d_head in ("auto", None) else int(d_head),
+        mamba_n_groups=int(hf.get("mamba_n_groups", 1)), mamba_d_state=int(hf.get("mamba_d_state", 256)),
+        mamba_d_conv=int(hf.get("mamba_d_conv", 4)), mamba_chunk_size=int(hf.get("mamba_chunk_size", 256)),
+        mamba_conv_bias=bool(hf.get("mamba_conv_bias", True)), mamba_proj_bias=bool(hf.get("mamba_proj_bias", False)),
+    )
+
+
+def _bamba(hf: dict, name: str) -> HybridConfig:
+    c = _common(hf, name)
+    heads = int(hf.get("num_attention_heads", 32))
+    head_dim = int(hf.get("head_dim") or c["hidden_size"] // heads)
+    theta, _ = _rope(hf)
+    n_layers = int(hf.get("num_hidden_layers", 32))
+    attn = set(hf.get("attn_layer_indices") or [])
+    return HybridConfig(
+        family="bamba", layer_types=tuple("attention" if i in attn else "mamba" for i in range(n_layers)),
+        vocab_size=int(hf.get("vocab_size", 128000)), norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
+        num_attention_heads=heads, num_key_value_heads=int(hf.get("num_key_value_heads") or heads),
+        head_dim=head_dim, attention_bias=bool(hf.get("attention_bias", False)),
+        rotary_dim=int(head_dim * 0.5), rope_theta=theta,  # HF's Bamba always rotates half of each head
+        intermediate_size=int(hf.get("intermediate_size", 14336)), mlp_bias=bool(hf.get("mlp_bias", False)),
+        **_ibm_mamba(hf, c["hidden_size"]), **c,
+    )
+
+
+def _granite(hf: dict, name: str) -> HybridConfig:
+    c = _common(hf, name)
+    heads = int(hf.get("num_attention_heads", 32))
+    head_dim = int(hf.get("head_dim") or c["hidden_size"] // heads)
+    n_layers = int(hf.get("num_hidden_layers", 32))
+    types = hf.get("layer_types") or hf.get("layers_block_type") or ["mamba"] * n_layers
+    rope = hf.get("position_embedding_type") == "rope"
+    theta, partial = _rope(hf) if rope else (10000.0, 1.0)
+    experts = int(hf.get("num_local_experts", 8) or 0)
+    return HybridConfig(
+        family="granitemoehybrid", layer_types=_layer_types(types, "granitemoehybrid layer_types"),
+        vocab_size=int(hf.get("vocab_size", 32000)), norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        num_attention_heads=heads, num_key_value_heads=int(hf.get("num_key_value_heads") or heads),
+        head_dim=head_dim, attention_bias=bool(hf.get("attention_bias", False)),
+        attention_scale=float(hf.get("attention_multiplier", 1.0)),
+        rotary_dim=int(head_dim * partial) if rope else 0, rope_theta=theta,
+        intermediate_size=int(hf.get("shared_intermediate_size", 1024)),
+        num_experts=experts, experts_per_tok=int(hf.get("num_experts_per_tok", 2)) if experts else 0,
+        moe_intermediate_size=int(hf.get("intermediate_size", 11008)) if experts else 0,
+        embedding_multiplier=float(hf.get("embedding_multiplier", 1.0)),
+        residual_multiplier=float(hf.get("residual_multiplier", 1.0)),
+        logits_scaling=float(hf.get("logits_scaling", 1.0)),
+        **_ibm_mamba(hf, c["hidden_size"]), **{**c, "pad_token_id": _first(hf.get("pad_token_id"))},
+    )
+
+
+def _nemotron_h(hf: dict, name: str) -> HybridConfig:
+    c = _common(hf, name)
+
+    def get(key, legacy, default):  # NemotronHConfig still accepts the older mamba_* spellings
+        return hf.get(key, hf.get(legacy, default))
+
+    if hf.get("layers_block_type") is not None:
+        types = _layer_types(hf["layers_block_type"], "nemotron_h layers_block_type")
+    elif hf.get("hybrid_override_pattern"):
+        try:
+            types = tuple(_NEMOTRON_PATTERN[ch] for ch in hf["hybrid_override_pattern"])
+        except KeyError:
+            raise ConfigError(f"hybrid_override_pattern {hf['hybrid_override_pattern']!r} has an unknown "
+                              f"symbol (known: {''.join(_NEMOTRON_PATTERN)})") from None
+    else:
+        types = ("mamba", "moe", "attention", "mlp")
+    for key, want in (("mamba_hidden_act", "silu"),):
+        if hf.get(key, want) != want:
+            raise ConfigError(f"{key} {hf[key]!r} is not supported (only {want!r})")
+    t_min = float(get("time_step_min", "mamba_dt_min", 0.001))
+    experts = int(hf.get("n_routed_experts", 8))
+    has_moe = "moe" in types
+    latent = hf.get("moe_latent_size")
+    c["time_step_limit"] = (t_min, math.inf)  # HF's NemotronHMamba2Mixer: dt clamped from below only
+    return HybridConfig(
+        family="nemotron_h", layer_types=types, vocab_size=int(hf.get("vocab_size", 131072)),
+        norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+        mamba_num_heads=int(hf.get("mamba_num_heads", 128)), mamba_head_dim=int(hf.get("mamba_head_dim", 64)),
+        mamba_n_groups=int(get("n_groups", "mamba_n_groups", 8)), mamba_d_state=int(hf.get("ssm_state_size", 128)),
+        mamba_d_conv=int(get("conv_kernel", "mamba_d_conv", 4)), mamba_chunk_size=int(get("chunk_size", "mamba_chunk_size", 128)),
+        mamba_conv_bias=bool(get("use_conv_bias", "mamba_conv_bias", True)), mamba_proj_bias=bool(hf.get("use_bias", False)),
+        num_attention_heads=int(hf.get("num_attention_heads", 32)),
+        num_key_value_heads=int(hf.get("num_key_value_heads") or hf.get("num_attention_heads", 32)),
+        head_dim=int(hf.get("head_dim", 128)), attention_bias=False,  # HF's NemotronHAttention: no biases
+        intermediate_size=int(hf.get("intermediate_size", 21504)), mlp_act=hf.get("mlp_hidden_act", "relu2"),
+        mlp_bias=bool(hf.get("mlp_bias", False)),
+        num_experts=experts if has_moe else 0, experts_per_tok=int(hf.get("num_experts_per_tok", 2)) if has_moe else 0,
+        moe_intermediate_size=int(hf.get("moe_intermediate_size", 7688)) if has_moe else 0,
+        shared_intermediate_size=int(hf.get("moe_shared_expert_intermediate_size", 7688)) if has_moe else 0,
+        moe_latent_size=int(latent) if has_moe and latent else 0,
+        n_group=int(hf.get("n_group", 1)), topk_group=int(hf.get("topk_group", 1)),
+        norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
+        routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
+        **c,
+    )
+
+
+_PARSERS = {"bamba": _bamba, "nemotron_h": _nemotron_h, "granitemoehybrid": _granite}
+
+
+def is_hybrid_config(hf: dict) -> bool:
+    return hf.get("model_type") in _PARSERS
+
+
+def from_hf_config(hf: dict[str, Any], name: str = "custom") -> HybridConfig:
+    """Map an HF config dict of a supported hybrid family onto HybridConfig."""
+    kind = hf.get("model_type")
+    if kind not in _PARSERS:
+        raise ConfigError(f"config.json has model_type {kind!r}; hybrid families: {', '.join(_PARSERS)}")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ConfigError(f"hidden_act {hf.get('hidden_act')!r} is not supported (only 'silu')")
+    try:
+        return _PARSERS[kind](hf, name)
+    except (TypeError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"unsupported {kind} config: {e}") from None
+
+
+def load_hybrid_config(model: str) -> HybridConfig:
+    """A preset name, an HF checkpoint directory, or the path to its config.json."""
+    if model in PRESETS:
+        return PRESETS[model]
+    path = Path(model)
+    if path.is_dir():
+        path = path / "config.json"
+    try:
+        hf = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read {path}: {e}") from None
+    if not isinstance(hf, dict):
+        raise ConfigError(f"{path} is not a JSON object")
+    return from_hf_config(hf, name=path.parent.name or "custom")
+
+
+PRESETS: dict[str, HybridConfig] = {}

@@ -1,0 +1,136 @@
+"""Flat params of hybrid models: shapes, binding to the nnx model, and the weight specification.
+
+Names are the checkpoints' own (what the hub files and transformers' `save_pretrained` hold).
+Where transformers' in-memory names differ they are listed as aliases, and Nemotron-H's
+per-expert tensors are stacked into one [E, ...] parameter through the spec's "stack" sources.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from exporter.hybrid import HybridLM
+from exporter.hybrid_config import HybridConfig
+from exporter.params import _name, merge_flat
+
+# HybridConfig fields a checkpoint's config.json must agree with, under their HF names, per family.
+_MATCH = {
+    "bamba": {"hidden_size": "hidden_size", "vocab_size": "vocab_size", "num_attention_heads": "num_attention_heads",
+              "num_key_value_heads": "num_key_value_heads", "intermediate_size": "intermediate_size",
+              "mamba_n_heads": "mamba_num_heads", "mamba_d_state": "mamba_d_state",
+              "mamba_n_groups": "mamba_n_groups", "mamba_d_conv": "mamba_d_conv",
+              "tie_word_embeddings": "tie_word_embeddings"},
+    "granitemoehybrid": {"hidden_size": "hidden_size", "vocab_size": "vocab_size",
+                         "num_attention_heads": "num_attention_heads", "num_key_value_heads": "num_key_value_heads",
+                         "shared_intermediate_size": "intermediate_size", "num_local_experts": "num_experts",
+                         "mamba_n_heads": "mamba_num_heads", "mamba_d_state": "mamba_d_state",
+                         "mamba_n_groups": "mamba_n_groups", "tie_word_embeddings": "tie_word_embeddings"},
+    "nemotron_h": {"hidden_size": "hidden_size", "vocab_size": "vocab_size", "num_attention_heads": "num_attention_heads",
+                   "num_key_value_heads": "num_key_value_heads", "head_dim": "head_dim",
+                   "mamba_num_heads": "mamba_num_heads", "mamba_head_dim": "mamba_head_dim",
+                   "ssm_state_size": "mamba_d_state", "n_groups": "mamba_n_groups",
+                   "tie_word_embeddings": "tie_word_embeddings"},
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _abstract(cfg: HybridConfig, dtype_name: str, rowwise_decode: bool = False):
+    model = nnx.eval_shape(lambda: HybridLM(cfg, jnp.dtype(dtype_name), rowwise_decode))
+    return nnx.split(model)
+
+
+def param_shapes(cfg: HybridConfig, dtype=jnp.float32) -> dict[str, jax.ShapeDtypeStruct]:
+    """{checkpoint name: ShapeDtypeStruct} for every parameter, in a stable order."""
+    _, state = _abstract(cfg, jnp.dtype(dtype).name)
+    out = {}
+    for path, var in state.flat_state():
+        v = var.get_value()
+        out[_name(path)] = jax.ShapeDtypeStruct(v.shape, v.dtype)
+    return out
+
+
+def bind(cfg: HybridConfig, params: dict, dtype=jnp.float32, rowwise_decode: bool = False) -> HybridLM:
+    """An nnx HybridLM over `params` (traceable: call inside jit/export)."""
+    graphdef, state = _abstract(cfg, jnp.dtype(dtype).name, rowwise_decode)
+    return merge_flat(graphdef, state, params)
+
+
+def _sources(cfg: HybridConfig, name: str) -> dict:
+    """{"sources": [...]} or {"stack": [...]} for one parameter."""
+    if cfg.family == "nemotron_h":
+        m = re.fullmatch(r"(backbone\.layers\.\d+\.mixer\.experts)\.(up_proj|down_proj)", name)
+        if m:
+            prefix, proj = m.groups()
+            return {"stack": [[f"{prefix}.{j}.{proj}.weight", f"model{prefix[8:]}.{j}.{proj}.weight"]
+                              for j in range(cfg.num_experts)]}
+        return {"sources": [name, "model." + name[len("backbone."):]] if name.startswith("backbone.") else [name]}
+    if cfg.family == "granitemoehybrid":  # transformers' in-memory names for the MoE tensors
+        for ours, theirs in ((".block_sparse_moe.input_linear.weight", ".block_sparse_moe.experts.gate_up_proj"),
+                             (".block_sparse_moe.output_linear.weight", ".block_sparse_moe.experts.down_proj"),
+                             (".block_sparse_moe.router.layer.weight", ".block_sparse_moe.router.weight")):
+            if name.endswith(ours):
+                return {"sources": [name, name[: -len(ours)] + theirs]}
+    return {"sources": [name]}
+
+
+def _init_rule(cfg: HybridConfig, name: str) -> dict:
+    """Seeded random weights: mamba_ssm-like ranges for the SSM parameters, N(0, 0.02) otherwise."""
+    leaf = name.rsplit(".", 1)[-1]
+    parent = name.rsplit(".", 2)[-2] if name.count(".") >= 1 else ""
+    if leaf == "A_log":
+        return {"kind": "uniform", "low": 0.0, "high": math.log(16.0)}
+    if leaf == "dt_bias":
+        inv = lambda d: d + math.log(-math.expm1(-d))  # noqa: E731  softplus^-1
+        return {"kind": "uniform", "low": inv(0.001), "high": inv(0.1)}
+    if leaf == "D" or (leaf == "weight" and "norm" in parent):
+        return {"kind": "constant", "value": 1.0}
+    if leaf in ("bias", "e_score_correction_bias"):
+        return {"kind": "constant", "value": 0.0}
+    if parent == "conv1d":
+        return {"kind": "uniform", "low": -0.5, "high": 0.5}
+    return {"kind": "normal", "std": 0.02}
+
+
+def weight_spec(cfg: HybridConfig, dtype=jnp.float32) -> dict:
+    """The manifest's weight specification for a hybrid model."""
+    tensors = [
+        {"name": name, "shape": list(s.shape), "dtype": jnp.dtype(s.dtype).name,
+         **_sources(cfg, name), "init": _init_rule(cfg, name)}
+        for name, s in param_shapes(cfg, dtype).items()
+    ]
+    hf = cfg.to_dict()
+    return {
+        "tensors": tensors,
+        "ignore": ["lm_head.weight"] if cfg.tie_word_embeddings else [],
+        "config_match": {theirs: hf[ours] for theirs, ours in _MATCH[cfg.family].items()},
+    }
+
+
+def count_params(cfg: HybridConfig) -> int:
+    return sum(math.prod(s.shape) for s in param_shapes(cfg).values())
+
+
+def load_params(cfg: HybridConfig, weights: str | None, dtype=jnp.float32, seed: int = 0) -> dict:
+    """{name: jax array}: from a checkpoint through the runtime's reader, or seeded random."""
+    # the runtime's readers, through exporter.loading (which follows the runtime's layout)
+    from exporter.loading import load_weights, parse_weight_spec, random_weights
+
+    spec = parse_weight_spec(weight_spec(cfg, dtype))
+    arrays = random_weights(spec, seed) if weights is None else load_weights(weights, spec)
+    return {k: jnp.asarray(v) for k, v in arrays.items()}
+
+
+def load_hybrid(model: str, weights: str | None = None, dtype=jnp.float32, seed: int = 0):
+    """(config, live HybridLM) from a preset or checkpoint dir (weights default to the dir)."""
+    from exporter.hybrid_config import load_hybrid_config
+    from exporter.loading import checkpoint_dir
+
+    cfg = load_hybrid_config(model)
+    params = load_params(cfg, weights if weights is not None else checkpoint_dir(model), dtype, seed)
+    return cfg, bind(cfg, params, dtype)
