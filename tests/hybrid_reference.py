@@ -49,6 +49,11 @@ TINY = {
                         attention_multiplier=0.25, logits_scaling=1.5, tie_word_embeddings=False,
                         **_MAMBA_IBM, **_COMMON),
 }
+# Variants, checked on logits: every bias flag on; Nemotron 3's latent-space experts (1 group).
+TINY["bamba_bias"] = {**TINY["bamba"], "attention_bias": True, "mlp_bias": True, "mamba_proj_bias": True,
+                      "mamba_conv_bias": False}
+TINY["nemotron_latent"] = {**TINY["nemotron_h"], "moe_latent_size": 24, "n_group": 1, "topk_group": 1,
+                           "norm_topk_prob": False, "mlp_bias": True}
 
 _CLASSES = {
     "bamba": ("BambaConfig", "BambaForCausalLM"),

@@ -158,6 +158,35 @@ def test_logits_match_hf(case):
         assert rel_diff(logits[i], theirs[i][-1]) < LOGITS_RTOL, f"row {i}"
 
 
+@pytest.mark.parametrize("name", ["bamba_bias", "nemotron_latent"])
+def test_variant_logits_match_hf(hybrid_case, name):
+    """Bias flags (attention, MLP, Mamba projections; no conv bias) and latent-space experts."""
+    import hybrid_reference as ref
+
+    c = hybrid_case(name, seed=5)
+    rows = prompts(LENGTHS, c.cfg.vocab_size, seed=5)
+    logits, _ = c.runner.prefill(c.runner.empty(len(rows)), *right_pad(rows, PAD_T))
+    for i, row in enumerate(rows):
+        assert rel_diff(logits[i], ref.hf_logits(c.hf, row)[0, -1]) < LOGITS_RTOL, f"row {i}"
+
+
+def test_nemotron_time_step_floor_prefill(hybrid_case):
+    """Nemotron-H clamps dt from below at time_step_min in its chunked scan (HF's decode step does
+    not, so only prefill is compared, as for Mamba-2's time_step_limit)."""
+    import hybrid_reference as ref
+
+    c = hybrid_case("nemotron_h", seed=0, time_step_min=0.05)
+    assert c.cfg.time_step_limit == (0.05, float("inf"))
+    rows = prompts(LENGTHS, c.cfg.vocab_size, seed=6)
+    logits, _ = c.runner.prefill(c.runner.empty(len(rows)), *right_pad(rows, PAD_T))
+    free = hybrid_case("nemotron_h")  # the same weights, floor 1e-6
+    unclamped, _ = free.runner.prefill(free.runner.empty(len(rows)), *right_pad(rows, PAD_T))
+    for i, row in enumerate(rows):
+        theirs = ref.hf_logits(c.hf, row)[0, -1]
+        assert rel_diff(logits[i], theirs) < LOGITS_RTOL, f"row {i}"
+        assert rel_diff(unclamped[i], theirs) > 1e-3, "the floor must bind for this to test anything"
+
+
 def test_greedy_ragged_batch_matches_generate(case):
     """64 greedy tokens per row of a ragged batch (prefill + on-device steps) equal HF generate
     run on each prompt alone, with the per-step logits."""
