@@ -354,4 +354,53 @@ def load_hybrid_config(model: str) -> HybridConfig:
     return from_hf_config(hf, name=path.parent.name or "custom")
 
 
-PRESETS: dict[str, HybridConfig] = {}
+# ---------------------------------------------------------------------------------------------
+# Presets: the published shapes (export without a checkpoint, state sizes, benchmarks). Values
+# that change numerics but not shapes (Granite's multipliers, token ids) follow the published
+# config.json where known; a checkpoint's own config.json always wins when exporting from it.
+
+
+def _ids(layers: int, attention: tuple[int, ...]) -> tuple[str, ...]:
+    return tuple("attention" if i in attention else "mamba" for i in range(layers))
+
+
+def _pattern(p: str) -> tuple[str, ...]:
+    return tuple(_NEMOTRON_PATTERN[ch] for ch in p)
+
+
+_GRANITE_4_ATTN = (5, 15, 25, 35)  # Granite-4.0-H: 36 Mamba-2 + 4 attention layers, 9:1
+_GRANITE = dict(family="granitemoehybrid", vocab_size=100352, norm_eps=1e-5, tie_word_embeddings=True,
+                mamba_head_dim=64, mamba_d_state=128, mamba_n_groups=1, mamba_chunk_size=256,
+                embedding_multiplier=12.0, residual_multiplier=0.22, attention_scale=0.0078125,
+                bos_token_id=100257, eos_token_id=100257, pad_token_id=100256)
+_NEMOTRON = dict(family="nemotron_h", vocab_size=131072, norm_eps=1e-5, head_dim=128, mamba_n_groups=8,
+                 mamba_d_state=128, mamba_chunk_size=128, mlp_act="relu2", time_step_limit=(0.001, math.inf),
+                 bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+PRESETS: dict[str, HybridConfig] = {
+    c.name: c for c in (
+        HybridConfig(name="bamba-9b", family="bamba", layer_types=_ids(32, (9, 18, 27)), hidden_size=4096,
+                     vocab_size=128256, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                     rotary_dim=64, intermediate_size=14336, mamba_num_heads=128, mamba_head_dim=64,
+                     mamba_d_state=128, mamba_n_groups=1, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+        HybridConfig(name="nemotron-nano-9b-v2", layer_types=_pattern(
+                         "M-M-M-MM-M-M-M*-M-M-M*-M-M-M-M*-M-M-M-M*-M-MM-M-M-M-M-M-"),
+                     hidden_size=4480, num_attention_heads=40, num_key_value_heads=8, intermediate_size=15680,
+                     mamba_num_heads=128, mamba_head_dim=80, **_NEMOTRON),
+        HybridConfig(name="nemotron-h-8b", layer_types=_pattern(
+                         "M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M-"),
+                     hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, intermediate_size=21504,
+                     mamba_num_heads=128, mamba_head_dim=64, **_NEMOTRON),
+        HybridConfig(name="granite-4.0-h-micro", layer_types=_ids(40, _GRANITE_4_ATTN), hidden_size=2048,
+                     num_attention_heads=16, num_key_value_heads=4, head_dim=128, intermediate_size=8192,
+                     mamba_num_heads=64, logits_scaling=8.0, **_GRANITE),
+        HybridConfig(name="granite-4.0-h-tiny", layer_types=_ids(40, _GRANITE_4_ATTN), hidden_size=1536,
+                     num_attention_heads=12, num_key_value_heads=4, head_dim=128, intermediate_size=1024,
+                     num_experts=64, experts_per_tok=6, moe_intermediate_size=512, mamba_num_heads=48,
+                     logits_scaling=6.0, **_GRANITE),
+        HybridConfig(name="granite-4.0-h-small", layer_types=_ids(40, _GRANITE_4_ATTN), hidden_size=4096,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, intermediate_size=1536,
+                     num_experts=72, experts_per_tok=10, moe_intermediate_size=768, mamba_num_heads=128,
+                     logits_scaling=8.0, **_GRANITE),
+    )
+}
