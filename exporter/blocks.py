@@ -115,7 +115,7 @@ class Attention(nnx.Module):
         self.v_proj = Linear(d, G * D, bias, dtype, rowwise)
         self.o_proj = Linear(H * D, d, bias, dtype, rowwise)
         self.heads, self.kv_heads, self.head_dim = H, G, D
-        self.scale = cfg.scale
+        self.scale, self.key_multiplier = cfg.scale, cfg.key_multiplier
 
     def _qkv(self, h, rope):
         """h [b, t, d] or [b, d] -> q [b, t, H, D], k, v [b, t, G, D] (RoPE applied)."""
@@ -123,6 +123,8 @@ class Attention(nnx.Module):
         q = self.q_proj(h).reshape(*lead, self.heads, self.head_dim)
         k = self.k_proj(h).reshape(*lead, self.kv_heads, self.head_dim)
         v = self.v_proj(h).reshape(*lead, self.kv_heads, self.head_dim)
+        if self.key_multiplier != 1.0:  # Falcon-H1
+            k = k * self.key_multiplier
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         return q, k, v
@@ -165,17 +167,23 @@ class Attention(nnx.Module):
 
 
 class GatedMLP(nnx.Module):
-    """down(act(gate(x)) * up(x)): Bamba's feed_forward."""
+    """down(act(gate(x) * gm) * up(x)) * dm: Bamba's and Falcon-H1's feed_forward (gm, dm: Falcon's
+    muP multipliers, 1 elsewhere)."""
 
-    def __init__(self, d: int, inner: int, bias: bool, act: str, dtype, rowwise: bool = False):
+    def __init__(self, d: int, inner: int, bias: bool, act: str, dtype, rowwise: bool = False,
+                 gate_multiplier: float = 1.0, down_multiplier: float = 1.0):
         self.gate_proj = Linear(d, inner, bias, dtype, rowwise)
         self.up_proj = Linear(d, inner, bias, dtype, rowwise)
         self.down_proj = Linear(inner, d, bias, dtype, rowwise)
-        self.act = act
+        self.act, self.gate_multiplier, self.down_multiplier = act, gate_multiplier, down_multiplier
 
     def __call__(self, x):
-        h = activation(self.act, self.gate_proj(x).astype(F32)) * self.up_proj(x).astype(F32)
-        return self.down_proj(h.astype(self.down_proj.weight.dtype))
+        gate = self.gate_proj(x).astype(F32)
+        if self.gate_multiplier != 1.0:
+            gate = gate * self.gate_multiplier
+        h = activation(self.act, gate) * self.up_proj(x).astype(F32)
+        out = self.down_proj(h.astype(self.down_proj.weight.dtype))
+        return out * self.down_multiplier if self.down_multiplier != 1.0 else out
 
 
 class PlainMLP(nnx.Module):

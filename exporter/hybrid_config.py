@@ -4,7 +4,8 @@ families, and presets with the published shapes.
 One dataclass covers every family; `family` picks the layer structure and the checkpoint names
 (exporter.hybrid). Per checkpoint layer, `layer_types` says what the layer mixes with:
 "mamba" or "attention" (Bamba, Granite-4.0-H: every layer then has its feed-forward part), or
-for Nemotron-H, whose layers are single blocks, also "mlp" and "moe".
+for Nemotron-H, whose layers are single blocks, also "mlp" and "moe"; Falcon-H1's layers are all
+"parallel" (attention and Mamba-2 side by side, then an MLP).
 """
 
 from __future__ import annotations
@@ -17,12 +18,17 @@ from typing import Any
 
 from exporter.config import ConfigError, Mamba2Config, _hf_float, _json_float
 
-FAMILIES = ("bamba", "nemotron_h", "granitemoehybrid")
+FAMILIES = ("bamba", "nemotron_h", "granitemoehybrid", "falcon_h1")
 ARCHITECTURES = {
     "BambaForCausalLM": "bamba",
     "NemotronHForCausalLM": "nemotron_h",
     "GraniteMoeHybridForCausalLM": "granitemoehybrid",
+    "FalconH1ForCausalLM": "falcon_h1",
 }
+# Layer kinds that carry a Mamba-2 state / a KV cache ("parallel": Falcon-H1's attention and
+# Mamba-2 side by side in one layer).
+MAMBA_KINDS = ("mamba", "parallel")
+ATTENTION_KINDS = ("attention", "parallel")
 _LEGACY_TYPES = {"mamba": "mamba", "linear_attention": "mamba", "attention": "attention",
                  "full_attention": "attention", "mlp": "mlp", "moe": "moe"}
 _NEMOTRON_PATTERN = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
@@ -85,7 +91,19 @@ class HybridConfig:
     # Granite multipliers
     embedding_multiplier: float = 1.0
     residual_multiplier: float = 1.0
-    logits_scaling: float = 1.0
+    logits_scaling: float = 1.0  # logits are divided by it
+    # Falcon-H1 (muP multipliers; the Mamba-2 mixer's own variants)
+    lm_head_multiplier: float = 1.0  # logits are multiplied by it
+    key_multiplier: float = 1.0
+    attention_in_multiplier: float = 1.0
+    attention_out_multiplier: float = 1.0
+    ssm_in_multiplier: float = 1.0
+    ssm_out_multiplier: float = 1.0
+    ssm_multipliers: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0, 1.0)  # z, x, B, C, dt of in_proj's output
+    mlp_multipliers: tuple[float, float] = (1.0, 1.0)  # gate (before the activation), down
+    mamba_rms_norm: bool = True  # False: y * silu(z) with no gated norm
+    mamba_norm_before_gate: bool = False  # True: norm(y) * silu(z); False: norm(y * silu(z))
+    mamba_out_proj_bias: bool | None = None  # None: mamba_proj_bias (Falcon-H1: projectors_bias)
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int | None = None
@@ -95,11 +113,14 @@ class HybridConfig:
         if self.family not in FAMILIES:
             raise ConfigError(f"unknown hybrid family {self.family!r}; supported: {', '.join(FAMILIES)}")
         types = tuple(self.layer_types)
-        allowed = {"mamba", "attention"} | ({"mlp", "moe"} if self.family == "nemotron_h" else set())
+        allowed = {"nemotron_h": {"mamba", "attention", "mlp", "moe"}, "falcon_h1": {"parallel"}}.get(
+            self.family, {"mamba", "attention"})
         bad = sorted(set(types) - allowed)
         if bad:
             raise ConfigError(f"{self.family}: unsupported layer types {bad}; allowed {sorted(allowed)}")
         object.__setattr__(self, "layer_types", types)
+        for key in ("ssm_multipliers", "mlp_multipliers"):
+            object.__setattr__(self, key, tuple(float(v) for v in getattr(self, key)))
         lo, hi = self.time_step_limit
         object.__setattr__(self, "time_step_limit", (float(lo), float(hi)))
         if self.num_attention_heads % max(self.num_key_value_heads, 1):
@@ -117,6 +138,8 @@ class HybridConfig:
                 self.num_experts % self.n_group or not 0 < self.topk_group <= self.n_group):
             raise ConfigError(f"n_routed_experts {self.num_experts}, n_group {self.n_group}, topk_group "
                               f"{self.topk_group}: experts must split into n_group groups, topk_group <= n_group")
+        if len(self.ssm_multipliers) != 5 or len(self.mlp_multipliers) != 2:
+            raise ConfigError("ssm_multipliers needs 5 values (z, x, B, C, dt), mlp_multipliers 2 (gate, down)")
         if self.mlp_act not in ("silu", "relu2"):
             raise ConfigError(f"MLP activation {self.mlp_act!r} is not supported (silu, relu2)")
 
@@ -127,11 +150,11 @@ class HybridConfig:
 
     @property
     def mamba_layers(self) -> tuple[int, ...]:
-        return tuple(i for i, t in enumerate(self.layer_types) if t == "mamba")
+        return tuple(i for i, t in enumerate(self.layer_types) if t in MAMBA_KINDS)
 
     @property
     def attention_layers(self) -> tuple[int, ...]:
-        return tuple(i for i, t in enumerate(self.layer_types) if t == "attention")
+        return tuple(i for i, t in enumerate(self.layer_types) if t in ATTENTION_KINDS)
 
     @property
     def has_moe(self) -> bool:
@@ -159,6 +182,7 @@ class HybridConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["layer_types"] = list(self.layer_types)
+        d["ssm_multipliers"], d["mlp_multipliers"] = list(self.ssm_multipliers), list(self.mlp_multipliers)
         d["time_step_limit"] = [_json_float(v) for v in self.time_step_limit]
         return d
 
@@ -166,7 +190,9 @@ class HybridConfig:
     def from_dict(cls, d: dict[str, Any]) -> "HybridConfig":
         fields = {f.name for f in dataclasses.fields(cls)}
         kw = {k: v for k, v in d.items() if k in fields}
-        kw["layer_types"] = tuple(kw["layer_types"])
+        for key in ("layer_types", "ssm_multipliers", "mlp_multipliers"):
+            if key in kw:
+                kw[key] = tuple(kw[key])
         if "time_step_limit" in kw:
             kw["time_step_limit"] = tuple(_hf_float(v) for v in kw["time_step_limit"])
         return cls(**kw)
@@ -316,7 +342,39 @@ def _nemotron_h(hf: dict, name: str) -> HybridConfig:
     )
 
 
-_PARSERS = {"bamba": _bamba, "nemotron_h": _nemotron_h, "granitemoehybrid": _granite}
+def _falcon_h1(hf: dict, name: str) -> HybridConfig:
+    c = _common(hf, name)
+    hidden = c["hidden_size"]
+    heads = int(hf.get("num_attention_heads", 32))
+    head_dim = int(hf.get("head_dim") or hidden // heads)
+    theta, partial = _rope(hf)
+    d_ssm = hf.get("mamba_d_ssm", 1024)
+    mamba = _ibm_mamba(hf, hidden, int(d_ssm) if d_ssm else None)
+    ssm_mult = hf.get("ssm_multipliers") or [1.0] * 5
+    mlp_mult = hf.get("mlp_multipliers") or [1.0, 1.0]
+    return HybridConfig(
+        family="falcon_h1", layer_types=("parallel",) * int(hf.get("num_hidden_layers", 32)),
+        vocab_size=int(hf.get("vocab_size", 128000)), norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
+        num_attention_heads=heads, num_key_value_heads=int(hf.get("num_key_value_heads") or heads),
+        head_dim=head_dim, attention_bias=bool(hf.get("attention_bias", False)),
+        rotary_dim=head_dim, rope_theta=theta,  # HF's Falcon-H1 rotates whole heads
+        intermediate_size=int(hf.get("intermediate_size", 14336)), mlp_bias=bool(hf.get("mlp_bias", False)),
+        lm_head_multiplier=float(hf.get("lm_head_multiplier", 1.0)),
+        embedding_multiplier=float(hf.get("embedding_multiplier", 1.0)),
+        key_multiplier=float(hf.get("key_multiplier", 1.0)),
+        attention_in_multiplier=float(hf.get("attention_in_multiplier", 1.0)),
+        attention_out_multiplier=float(hf.get("attention_out_multiplier", 1.0)),
+        ssm_in_multiplier=float(hf.get("ssm_in_multiplier", 1.0)),
+        ssm_out_multiplier=float(hf.get("ssm_out_multiplier", 1.0)),
+        ssm_multipliers=tuple(float(v) for v in ssm_mult), mlp_multipliers=tuple(float(v) for v in mlp_mult),
+        mamba_rms_norm=bool(hf.get("mamba_rms_norm", False)),
+        mamba_norm_before_gate=bool(hf.get("mamba_norm_before_gate", True)),
+        mamba_out_proj_bias=bool(hf.get("projectors_bias", False)),
+        **mamba, **c,
+    )
+
+
+_PARSERS = {"bamba": _bamba, "nemotron_h": _nemotron_h, "granitemoehybrid": _granite, "falcon_h1": _falcon_h1}
 
 
 def is_hybrid_config(hf: dict) -> bool:

@@ -36,6 +36,10 @@ _MATCH = {
                    "mamba_num_heads": "mamba_num_heads", "mamba_head_dim": "mamba_head_dim",
                    "ssm_state_size": "mamba_d_state", "n_groups": "mamba_n_groups",
                    "tie_word_embeddings": "tie_word_embeddings"},
+    "falcon_h1": {"hidden_size": "hidden_size", "vocab_size": "vocab_size", "num_attention_heads": "num_attention_heads",
+                  "num_key_value_heads": "num_key_value_heads", "intermediate_size": "intermediate_size",
+                  "mamba_n_heads": "mamba_num_heads", "mamba_d_state": "mamba_d_state",
+                  "mamba_n_groups": "mamba_n_groups", "tie_word_embeddings": "tie_word_embeddings"},
 }
 
 

@@ -48,10 +48,20 @@ TINY = {
                         position_embedding_type=None, embedding_multiplier=2.0, residual_multiplier=0.7,
                         attention_multiplier=0.25, logits_scaling=1.5, tie_word_embeddings=False,
                         **_MAMBA_IBM, **_COMMON),
+    # every layer: attention and Mamba-2 side by side; muP multipliers; gated norm after the gate
+    "falcon_h1": dict(model_type="falcon_h1", num_hidden_layers=3, head_dim=16, intermediate_size=96,
+                      mamba_d_ssm=128, rms_norm_eps=1e-5, tie_word_embeddings=False, mamba_rms_norm=True,
+                      mamba_norm_before_gate=True, projectors_bias=True, lm_head_multiplier=0.7,
+                      embedding_multiplier=1.3, key_multiplier=0.8, attention_in_multiplier=1.1,
+                      attention_out_multiplier=0.9, ssm_in_multiplier=1.2, ssm_out_multiplier=0.8,
+                      ssm_multipliers=[0.9, 1.1, 1.2, 0.8, 1.3], mlp_multipliers=[1.2, 0.9],
+                      **_MAMBA_IBM, **_COMMON),
 }
 # Variants, checked on logits: every bias flag on; Nemotron 3's latent-space experts (1 group).
 TINY["bamba_bias"] = {**TINY["bamba"], "attention_bias": True, "mlp_bias": True, "mamba_proj_bias": True,
                       "mamba_conv_bias": False}
+TINY["falcon_nonorm"] = {**TINY["falcon_h1"], "mamba_rms_norm": False, "projectors_bias": False}
+TINY["falcon_gate_first"] = {**TINY["falcon_h1"], "mamba_norm_before_gate": False}
 TINY["nemotron_latent"] = {**TINY["nemotron_h"], "moe_latent_size": 24, "n_group": 1, "topk_group": 1,
                            "norm_topk_prob": False, "mlp_bias": True}
 
@@ -59,6 +69,7 @@ _CLASSES = {
     "bamba": ("BambaConfig", "BambaForCausalLM"),
     "nemotron_h": ("NemotronHConfig", "NemotronHForCausalLM"),
     "granitemoehybrid": ("GraniteMoeHybridConfig", "GraniteMoeHybridForCausalLM"),
+    "falcon_h1": ("FalconH1Config", "FalconH1ForCausalLM"),
 }
 
 

@@ -25,7 +25,7 @@ LOGITS_RTOL = 1e-4  # max |ours - HF| / max |HF|
 MIN_GAP = 1e-4  # smallest HF top-2 gap on a compared greedy path
 NEW_TOKENS = 64
 CAPACITY = 160
-FAMILIES = ["bamba", "nemotron_h", "granite_dense", "granite_moe"]
+FAMILIES = ["bamba", "nemotron_h", "granite_dense", "granite_moe", "falcon_h1"]
 LENGTHS = [17, 40, 5]  # one ragged batch, right-padded to 48
 PAD_T = 48
 
@@ -126,9 +126,9 @@ def test_config_and_names_match_checkpoint(case):
 
     hf = case.hf.config
     assert case.cfg.num_hidden_layers == hf.num_hidden_layers
-    assert case.cfg.layer_types == tuple("mamba" if t in ("mamba", "linear_attention") else
-                                         "attention" if t in ("attention", "full_attention") else t
-                                         for t in hf.layer_types)
+    kinds = {"linear_attention": "mamba", "full_attention": "attention", "mlp": "mlp", "moe": "moe",
+             "hybrid": "parallel"}  # HF's layer type names -> ours (Falcon-H1: "hybrid")
+    assert case.cfg.layer_types == tuple(kinds[t] for t in hf.layer_types)
     with safe_open(str(case.path / "model.safetensors"), "np") as f:
         stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     spec = weight_spec(case.cfg)
@@ -158,9 +158,10 @@ def test_logits_match_hf(case):
         assert rel_diff(logits[i], theirs[i][-1]) < LOGITS_RTOL, f"row {i}"
 
 
-@pytest.mark.parametrize("name", ["bamba_bias", "nemotron_latent"])
+@pytest.mark.parametrize("name", ["bamba_bias", "nemotron_latent", "falcon_nonorm", "falcon_gate_first"])
 def test_variant_logits_match_hf(hybrid_case, name):
-    """Bias flags (attention, MLP, Mamba projections; no conv bias) and latent-space experts."""
+    """Bias flags (attention, MLP, Mamba projections; no conv bias), latent-space experts, and
+    Falcon-H1 without the gated norm / with the gate before the norm."""
     import hybrid_reference as ref
 
     c = hybrid_case(name, seed=5)
