@@ -435,6 +435,10 @@ _NEMOTRON = dict(family="nemotron_h", vocab_size=131072, norm_eps=1e-5, head_dim
                  mamba_d_state=128, mamba_chunk_size=128, mlp_act="relu2", time_step_limit=(0.001, math.inf),
                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
+_FALCON = dict(family="falcon_h1", norm_eps=1e-5, mamba_n_groups=1, mamba_rms_norm=False,
+               mamba_norm_before_gate=False, mamba_out_proj_bias=False, bos_token_id=1, eos_token_id=11,
+               pad_token_id=0)
+
 PRESETS: dict[str, HybridConfig] = {
     c.name: c for c in (
         HybridConfig(name="bamba-9b", family="bamba", layer_types=_ids(32, (9, 18, 27)), hidden_size=4096,
@@ -460,5 +464,16 @@ PRESETS: dict[str, HybridConfig] = {
                      num_attention_heads=32, num_key_value_heads=8, head_dim=128, intermediate_size=1536,
                      num_experts=72, experts_per_tok=10, moe_intermediate_size=768, mamba_num_heads=128,
                      logits_scaling=8.0, **_GRANITE),
+        HybridConfig(name="falcon-h1-tiny-90m", layer_types=("parallel",) * 24, hidden_size=512, vocab_size=32768,
+                     tie_word_embeddings=True, num_attention_heads=8, num_key_value_heads=2, head_dim=64,
+                     rotary_dim=64, rope_theta=1e11, intermediate_size=768, mamba_num_heads=24, mamba_head_dim=32,
+                     mamba_d_state=64, embedding_multiplier=0.11083984375, lm_head_multiplier=0.078125, **_FALCON),
+        HybridConfig(name="falcon-h1-1.5b", layer_types=("parallel",) * 24, hidden_size=2048, vocab_size=65537,
+                     num_attention_heads=8, num_key_value_heads=2, head_dim=128, rotary_dim=128,
+                     intermediate_size=4608, mamba_num_heads=48, mamba_head_dim=64, mamba_d_state=256, **_FALCON),
+        HybridConfig(name="falcon-h1-7b", layer_types=("parallel",) * 44, hidden_size=3072, vocab_size=130048,
+                     num_attention_heads=12, num_key_value_heads=2, head_dim=128, rotary_dim=128,
+                     intermediate_size=12288, mamba_num_heads=24, mamba_head_dim=128, mamba_d_state=256,
+                     mamba_chunk_size=128, **_FALCON),
     )
 }
