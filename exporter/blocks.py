@@ -25,6 +25,8 @@ def activation(name: str, x):
         return jax.nn.silu(x)
     if name == "relu2":
         return jnp.square(jax.nn.relu(x))
+    if name == "gelu":  # exact (erf) GELU, as HF's "gelu"
+        return jax.nn.gelu(x, approximate=False)
     raise ValueError(f"unknown activation {name!r}")
 
 
@@ -109,20 +111,25 @@ class Attention(nnx.Module):
 
     def __init__(self, cfg, dtype, rowwise: bool = False):
         d, H, G, D = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        bias = cfg.attention_bias
-        self.q_proj = Linear(d, H * D, bias, dtype, rowwise)
-        self.k_proj = Linear(d, G * D, bias, dtype, rowwise)
-        self.v_proj = Linear(d, G * D, bias, dtype, rowwise)
+        d_in, bias = cfg.attention_in_size or d, cfg.attention_bias
+        self.q_proj = Linear(d_in, H * D, bias, dtype, rowwise)
+        self.k_proj = Linear(d_in, G * D, bias, dtype, rowwise)
+        self.v_proj = Linear(d_in, G * D, bias, dtype, rowwise)
         self.o_proj = Linear(H * D, d, bias, dtype, rowwise)
         self.heads, self.kv_heads, self.head_dim = H, G, D
         self.scale, self.key_multiplier = cfg.scale, cfg.key_multiplier
 
-    def _qkv(self, h, rope):
+    def _project(self, h, adapter):
+        """q, k, v projections of h [..., d_in] (`adapter`: which of Zamba2's per-layer adapters)."""
+        return self.q_proj(h), self.k_proj(h), self.v_proj(h)
+
+    def _qkv(self, h, rope, adapter=None):
         """h [b, t, d] or [b, d] -> q [b, t, H, D], k, v [b, t, G, D] (RoPE applied)."""
         lead = h.shape[:-1] if h.ndim == 3 else (h.shape[0], 1)
-        q = self.q_proj(h).reshape(*lead, self.heads, self.head_dim)
-        k = self.k_proj(h).reshape(*lead, self.kv_heads, self.head_dim)
-        v = self.v_proj(h).reshape(*lead, self.kv_heads, self.head_dim)
+        q, k, v = self._project(h, adapter)
+        q = q.reshape(*lead, self.heads, self.head_dim)
+        k = k.reshape(*lead, self.kv_heads, self.head_dim)
+        v = v.reshape(*lead, self.kv_heads, self.head_dim)
         if self.key_multiplier != 1.0:  # Falcon-H1
             k = k * self.key_multiplier
         if rope is not None:
@@ -138,24 +145,24 @@ class Attention(nnx.Module):
     def _out(self, o, lead):
         return self.o_proj(o.reshape(*lead, self.heads * self.head_dim).astype(self.o_proj.weight.dtype))
 
-    def __call__(self, h, rope, pos, valid, lengths, kv):
+    def __call__(self, h, rope, pos, valid, lengths, kv, adapter=None):
         """Prefill: h [b, t, d]; pos [b] tokens already cached; valid [b, t]; lengths [b].
         New keys go to slots pos + j for valid j only (masked writes). Returns (out, (k, v))."""
         k_cache, v_cache = kv
         b, t = h.shape[:2]
         c = k_cache.shape[1]
-        q, k, v = self._qkv(h, rope)
+        q, k, v = self._qkv(h, rope, adapter)
         q_pos = pos[:, None] + jnp.arange(t)[None, :]  # [b, t]
         slots = jnp.where(valid & (q_pos < c), q_pos, c)
         k_cache, v_cache = self._write(k_cache, k, slots), self._write(v_cache, v, slots)
         o = attend(q, k_cache, v_cache, q_pos, jnp.max(pos + lengths), self.scale)
         return self._out(o, (b, t)), (k_cache, v_cache)
 
-    def step(self, h, rope, pos, active, kv):
+    def step(self, h, rope, pos, active, kv, adapter=None):
         """Decode: h [b, d]; the token of row i sits at position pos[i]. Inactive rows write nothing."""
         k_cache, v_cache = kv
         c = k_cache.shape[1]
-        q, k, v = self._qkv(h, rope)  # [b, 1, ., D]
+        q, k, v = self._qkv(h, rope, adapter)  # [b, 1, ., D]
         slots = jnp.where(active & (pos < c), pos, c)[:, None]  # [b, 1]
         k_cache, v_cache = self._write(k_cache, k, slots), self._write(v_cache, v, slots)
         o = attend(q, k_cache, v_cache, pos[:, None], jnp.max(pos) + 1, self.scale)

@@ -1,4 +1,4 @@
-"""Hybrid Mamba-2 + attention language models (Bamba, Nemotron-H, Granite-4.0-H, Falcon-H1) in flax.nnx.
+"""Hybrid Mamba-2 + attention LMs (Bamba, Nemotron-H, Granite-4.0-H, Falcon-H1, Zamba2) in flax.nnx.
 
 The layers (exporter.hybrid_layers) reuse exporter.model's Mamba-2 Mixer and exporter.blocks'
 attention, MLP and MoE. Parameter paths equal the families' checkpoint names (PyTorch (out, in)
@@ -20,7 +20,7 @@ from flax import nnx
 
 from exporter.blocks import KV_BLOCK, rope_tables
 from exporter.hybrid_config import ATTENTION_KINDS, MAMBA_KINDS, HybridConfig
-from exporter.hybrid_layers import LAYER_CLASSES, Ctx
+from exporter.hybrid_layers import Ctx, build_layers
 from exporter.model import Embedding, Linear, RMSNorm, matvec
 
 F32 = jnp.float32
@@ -32,6 +32,7 @@ _LAYOUT = {
     "granitemoehybrid": ("model", "embed_tokens", "norm"),
     "nemotron_h": ("backbone", "embeddings", "norm_f"),
     "falcon_h1": ("model", "embed_tokens", "final_layernorm"),
+    "zamba2": ("model", "embed_tokens", "final_layernorm"),
 }
 
 
@@ -42,8 +43,7 @@ class Trunk(nnx.Module):
         _, embed, final = _LAYOUT[cfg.family]
         self.embed_name, self.final_name = embed, final
         setattr(self, embed, Embedding(cfg.vocab_size, cfg.hidden_size, dtype))
-        layer_cls = LAYER_CLASSES[cfg.family]
-        self.layers = nnx.List([layer_cls(cfg, kind, dtype, rowwise) for kind in cfg.layer_types])
+        self.layers = nnx.List(build_layers(cfg, dtype, rowwise))
         setattr(self, final, RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype))
 
     @property
@@ -125,8 +125,9 @@ class HybridLM(nnx.Module):
         t = tokens.shape[1]
         valid = jnp.arange(t)[None, :] < lengths[:, None]  # [b, t]
         pos = state["pos"]
-        ctx = Ctx(pos=pos, rope=self._rope(pos[:, None] + jnp.arange(t)[None, :]), valid=valid, lengths=lengths)
         resid = self._embed(jnp.where(valid, tokens, 0))  # [b, t, d]
+        ctx = Ctx(pos=pos, rope=self._rope(pos[:, None] + jnp.arange(t)[None, :]), valid=valid, lengths=lengths,
+                  emb=resid)
         states = self._layer_states(state)
         for i, layer in enumerate(self.trunk.layers):
             resid, states[i] = layer(resid, ctx, states[i], False)
@@ -159,8 +160,8 @@ class HybridLM(nnx.Module):
         """tokens [b] at positions carry["pos"] -> (logits [b, V], carry). Inactive rows are
         frozen: their state (and pos) is unchanged."""
         pos = carry["pos"]
-        ctx = Ctx(pos=pos, rope=self._rope(pos[:, None]), active=active)
         resid = self._embed(tokens)  # [b, d]
+        ctx = Ctx(pos=pos, rope=self._rope(pos[:, None]), active=active, emb=resid)
         states = self._layer_states(carry)
         for i, layer in enumerate(self.trunk.layers):
             resid, states[i] = layer(resid, ctx, states[i], True)

@@ -5,7 +5,8 @@ One dataclass covers every family; `family` picks the layer structure and the ch
 (exporter.hybrid). Per checkpoint layer, `layer_types` says what the layer mixes with:
 "mamba" or "attention" (Bamba, Granite-4.0-H: every layer then has its feed-forward part), or
 for Nemotron-H, whose layers are single blocks, also "mlp" and "moe"; Falcon-H1's layers are all
-"parallel" (attention and Mamba-2 side by side, then an MLP).
+"parallel" (attention and Mamba-2 side by side, then an MLP); Zamba2's are "mamba" or "hybrid" (a
+transformer block shared between layers feeds the layer's Mamba-2 input).
 """
 
 from __future__ import annotations
@@ -18,17 +19,18 @@ from typing import Any
 
 from exporter.config import ConfigError, Mamba2Config, _hf_float, _json_float
 
-FAMILIES = ("bamba", "nemotron_h", "granitemoehybrid", "falcon_h1")
+FAMILIES = ("bamba", "nemotron_h", "granitemoehybrid", "falcon_h1", "zamba2")
 ARCHITECTURES = {
     "BambaForCausalLM": "bamba",
     "NemotronHForCausalLM": "nemotron_h",
     "GraniteMoeHybridForCausalLM": "granitemoehybrid",
     "FalconH1ForCausalLM": "falcon_h1",
+    "Zamba2ForCausalLM": "zamba2",
 }
 # Layer kinds that carry a Mamba-2 state / a KV cache ("parallel": Falcon-H1's attention and
-# Mamba-2 side by side in one layer).
-MAMBA_KINDS = ("mamba", "parallel")
-ATTENTION_KINDS = ("attention", "parallel")
+# Mamba-2 side by side in one layer; "hybrid": Zamba2's shared transformer block, then Mamba-2).
+MAMBA_KINDS = ("mamba", "parallel", "hybrid")
+ATTENTION_KINDS = ("attention", "parallel", "hybrid")
 _LEGACY_TYPES = {"mamba": "mamba", "linear_attention": "mamba", "attention": "attention",
                  "full_attention": "attention", "mlp": "mlp", "moe": "moe"}
 _NEMOTRON_PATTERN = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
@@ -104,6 +106,12 @@ class HybridConfig:
     mamba_rms_norm: bool = True  # False: y * silu(z) with no gated norm
     mamba_norm_before_gate: bool = False  # True: norm(y) * silu(z); False: norm(y * silu(z))
     mamba_out_proj_bias: bool | None = None  # None: mamba_proj_bias (Falcon-H1: projectors_bias)
+    mamba_norm_eps: float = 0.0  # the gated norm's eps; 0: norm_eps (Zamba2: 1e-5 whatever rms_norm_eps)
+    # Zamba2: transformer blocks shared by the "hybrid" layers, attention over [h, embedding]
+    attention_in_size: int = 0  # attention input width; 0: hidden_size (Zamba2: 2 * hidden_size)
+    num_mem_blocks: int = 1  # distinct shared blocks, used in turn by the hybrid layers
+    shared_adapter_rank: int = 0  # per-layer low-rank adapters on q/k/v (0: none; the MLP's are always on)
+    adapter_rank: int = 128
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int | None = None
@@ -113,8 +121,8 @@ class HybridConfig:
         if self.family not in FAMILIES:
             raise ConfigError(f"unknown hybrid family {self.family!r}; supported: {', '.join(FAMILIES)}")
         types = tuple(self.layer_types)
-        allowed = {"nemotron_h": {"mamba", "attention", "mlp", "moe"}, "falcon_h1": {"parallel"}}.get(
-            self.family, {"mamba", "attention"})
+        allowed = {"nemotron_h": {"mamba", "attention", "mlp", "moe"}, "falcon_h1": {"parallel"},
+                   "zamba2": {"mamba", "hybrid"}}.get(self.family, {"mamba", "attention"})
         bad = sorted(set(types) - allowed)
         if bad:
             raise ConfigError(f"{self.family}: unsupported layer types {bad}; allowed {sorted(allowed)}")
@@ -140,8 +148,8 @@ class HybridConfig:
                               f"{self.topk_group}: experts must split into n_group groups, topk_group <= n_group")
         if len(self.ssm_multipliers) != 5 or len(self.mlp_multipliers) != 2:
             raise ConfigError("ssm_multipliers needs 5 values (z, x, B, C, dt), mlp_multipliers 2 (gate, down)")
-        if self.mlp_act not in ("silu", "relu2"):
-            raise ConfigError(f"MLP activation {self.mlp_act!r} is not supported (silu, relu2)")
+        if self.mlp_act not in ("silu", "relu2", "gelu"):
+            raise ConfigError(f"MLP activation {self.mlp_act!r} is not supported (silu, relu2, gelu)")
 
     # --- derived -----------------------------------------------------------------------------
     @property
@@ -174,7 +182,7 @@ class HybridConfig:
             hidden_size=self.hidden_size, num_hidden_layers=len(self.mamba_layers), vocab_size=self.vocab_size,
             state_size=self.mamba_d_state, head_dim=self.mamba_head_dim, num_heads=self.mamba_num_heads,
             n_groups=self.mamba_n_groups, conv_kernel=self.mamba_d_conv, chunk_size=self.mamba_chunk_size,
-            layer_norm_epsilon=self.norm_eps, use_bias=self.mamba_proj_bias, use_conv_bias=self.mamba_conv_bias,
+            layer_norm_epsilon=self.mamba_norm_eps or self.norm_eps, use_bias=self.mamba_proj_bias, use_conv_bias=self.mamba_conv_bias,
             tie_word_embeddings=self.tie_word_embeddings, time_step_limit=self.time_step_limit,
             d_inner=d_inner, expand=max(1, d_inner // self.hidden_size), name=f"{self.name}-mamba",
         )
@@ -374,7 +382,46 @@ def _falcon_h1(hf: dict, name: str) -> HybridConfig:
     )
 
 
-_PARSERS = {"bamba": _bamba, "nemotron_h": _nemotron_h, "granitemoehybrid": _granite, "falcon_h1": _falcon_h1}
+def _zamba2(hf: dict, name: str) -> HybridConfig:
+    c = _common(hf, name)
+    hidden = c["hidden_size"]
+    heads = int(hf.get("num_attention_heads", 32))
+    head_dim = 2 * hidden // heads  # attention runs on [h, embedding]: 2 * hidden wide
+    types = hf.get("layers_block_type") or hf.get("layer_types")
+    if types is None:
+        raise ConfigError("zamba2 config.json has no layers_block_type")
+    kinds = {"mamba": "mamba", "linear_attention": "mamba", "hybrid": "hybrid"}
+    try:
+        types = tuple(kinds[t] for t in types)
+    except (KeyError, TypeError):
+        raise ConfigError(f"zamba2: unknown layer types in {types!r}") from None
+    rope = bool(hf.get("use_mem_rope", False))
+    theta, _ = _rope(hf) if rope else (10000.0, 1.0)
+    n_heads = int(hf.get("n_mamba_heads", 8))
+    d_inner = int(hf.get("mamba_expand", 2)) * hidden
+    bias = bool(hf.get("add_bias_linear", False))
+    c["time_step_limit"] = (float(hf.get("time_step_min", 0.001)), math.inf)  # HF's Zamba2MambaMixer
+    c["tie_word_embeddings"] = bool(hf.get("tie_word_embeddings", True))
+    return HybridConfig(
+        family="zamba2", layer_types=types, vocab_size=int(hf.get("vocab_size", 32000)),
+        norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
+        mamba_num_heads=n_heads, mamba_head_dim=d_inner // n_heads, mamba_n_groups=int(hf.get("mamba_ngroups", 1)),
+        mamba_d_state=int(hf.get("mamba_d_state", 64)), mamba_d_conv=int(hf.get("mamba_d_conv", 4)),
+        mamba_chunk_size=int(hf.get("chunk_size", 256)), mamba_conv_bias=True, mamba_proj_bias=bias,
+        mamba_norm_eps=1e-5,
+        num_attention_heads=heads, num_key_value_heads=int(hf.get("num_key_value_heads") or heads),
+        head_dim=head_dim, attention_scale=(head_dim / 2) ** -0.5, attention_in_size=2 * hidden,
+        rotary_dim=head_dim if rope else 0, rope_theta=theta,
+        intermediate_size=int(hf.get("intermediate_size") or 4 * hidden), mlp_act=hf.get("hidden_act", "gelu"),
+        mlp_bias=bias, num_mem_blocks=int(hf.get("num_mem_blocks", 1)),
+        shared_adapter_rank=int(hf.get("adapter_rank", 128)) if hf.get("use_shared_attention_adapter") else 0,
+        adapter_rank=int(hf.get("adapter_rank", 128)),
+        **c,
+    )
+
+
+_PARSERS = {"bamba": _bamba, "nemotron_h": _nemotron_h, "granitemoehybrid": _granite, "falcon_h1": _falcon_h1,
+            "zamba2": _zamba2}
 
 
 def is_hybrid_config(hf: dict) -> bool:
@@ -386,7 +433,7 @@ def from_hf_config(hf: dict[str, Any], name: str = "custom") -> HybridConfig:
     kind = hf.get("model_type")
     if kind not in _PARSERS:
         raise ConfigError(f"config.json has model_type {kind!r}; hybrid families: {', '.join(_PARSERS)}")
-    if hf.get("hidden_act", "silu") != "silu":
+    if kind != "zamba2" and hf.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"hidden_act {hf.get('hidden_act')!r} is not supported (only 'silu')")
     try:
         return _PARSERS[kind](hf, name)
@@ -475,5 +522,14 @@ PRESETS: dict[str, HybridConfig] = {
                      num_attention_heads=12, num_key_value_heads=2, head_dim=128, rotary_dim=128,
                      intermediate_size=12288, mamba_num_heads=24, mamba_head_dim=128, mamba_d_state=256,
                      mamba_chunk_size=128, **_FALCON),
+        # HF's default Zamba2Config layout is the 2.7B's: 54 layers, 9 of them hybrid, 2 shared blocks
+        HybridConfig(name="zamba2-2.7b", family="zamba2", layer_types=tuple(
+                         "hybrid" if t else "mamba" for t in [0] + ([0] * 5 + [1]) * 7 + [0] * 4 + [1] + [0] * 3 + [1] + [0] * 2),
+                     hidden_size=2560, vocab_size=32000, norm_eps=1e-5, tie_word_embeddings=True,
+                     mamba_num_heads=80, mamba_head_dim=64, mamba_n_groups=1, mamba_d_state=64, mamba_conv_bias=True,
+                     mamba_norm_eps=1e-5, time_step_limit=(0.001, math.inf), num_attention_heads=32,
+                     num_key_value_heads=32, head_dim=160, attention_scale=80 ** -0.5, attention_in_size=5120,
+                     intermediate_size=10240, mlp_act="gelu", num_mem_blocks=2, adapter_rank=128,
+                     bos_token_id=1, eos_token_id=2, pad_token_id=0),
     )
 }

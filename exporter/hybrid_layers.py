@@ -30,6 +30,7 @@ class Ctx(NamedTuple):
     valid: jax.Array | None = None  # prefill: [b, t] bool
     lengths: jax.Array | None = None  # prefill: [b]
     active: jax.Array | None = None  # step: [b] bool
+    emb: jax.Array | None = None  # the embeddings [b, t, d] / [b, d] float32 (Zamba2's blocks read them)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -74,10 +75,10 @@ def run_mamba(mixer, h, ctx: Ctx, st: tuple, step: bool):
     return out, (conv, ssm)
 
 
-def run_attention(attn: Attention, h, ctx: Ctx, st: tuple, step: bool):
+def run_attention(attn: Attention, h, ctx: Ctx, st: tuple, step: bool, adapter: int | None = None):
     if step:
-        return attn.step(h, ctx.rope, ctx.pos, ctx.active, st)
-    return attn(h, ctx.rope, ctx.pos, ctx.valid, ctx.lengths, st)
+        return attn.step(h, ctx.rope, ctx.pos, ctx.active, st, adapter)
+    return attn(h, ctx.rope, ctx.pos, ctx.valid, ctx.lengths, st, adapter)
 
 
 def _run(kind: str, module, h, ctx: Ctx, st: dict, step: bool):
@@ -231,3 +232,13 @@ class FalconLayer(nnx.Module):
 LAYER_CLASSES = {
     "bamba": BambaLayer, "granitemoehybrid": GraniteLayer, "nemotron_h": NemotronLayer, "falcon_h1": FalconLayer,
 }
+
+
+def build_layers(cfg: HybridConfig, dtype, rowwise: bool) -> list:
+    """The model's layers, one per entry of cfg.layer_types."""
+    if cfg.family == "zamba2":
+        from exporter.zamba2 import build_layers as zamba2_layers  # it builds on this module
+
+        return zamba2_layers(cfg, dtype, rowwise)
+    cls = LAYER_CLASSES[cfg.family]
+    return [cls(cfg, kind, dtype, rowwise) for kind in cfg.layer_types]

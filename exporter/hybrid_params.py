@@ -40,6 +40,10 @@ _MATCH = {
                   "num_key_value_heads": "num_key_value_heads", "intermediate_size": "intermediate_size",
                   "mamba_n_heads": "mamba_num_heads", "mamba_d_state": "mamba_d_state",
                   "mamba_n_groups": "mamba_n_groups", "tie_word_embeddings": "tie_word_embeddings"},
+    "zamba2": {"hidden_size": "hidden_size", "vocab_size": "vocab_size", "num_attention_heads": "num_attention_heads",
+               "num_key_value_heads": "num_key_value_heads", "intermediate_size": "intermediate_size",
+               "n_mamba_heads": "mamba_num_heads", "mamba_d_state": "mamba_d_state", "mamba_ngroups": "mamba_n_groups",
+               "num_mem_blocks": "num_mem_blocks", "tie_word_embeddings": "tie_word_embeddings"},
 }
 
 

@@ -56,6 +56,13 @@ TINY = {
                       attention_out_multiplier=0.9, ssm_in_multiplier=1.2, ssm_out_multiplier=0.8,
                       ssm_multipliers=[0.9, 1.1, 1.2, 0.8, 1.3], mlp_multipliers=[1.2, 0.9],
                       **_MAMBA_IBM, **_COMMON),
+    # 6 layers, 3 hybrid sharing 2 transformer blocks (block 0 used twice), q/k/v adapters, RoPE
+    "zamba2": dict(model_type="zamba2", num_hidden_layers=6,
+                   layers_block_type=["mamba", "hybrid", "mamba", "hybrid", "hybrid", "mamba"],
+                   n_mamba_heads=8, mamba_d_state=16, mamba_ngroups=2, mamba_expand=2, chunk_size=16,
+                   num_mem_blocks=2, use_shared_attention_adapter=True, adapter_rank=8, use_mem_rope=True,
+                   intermediate_size=96, hidden_act="gelu", time_step_min=1e-6, rms_norm_eps=1e-6,
+                   tie_word_embeddings=True, **{**_COMMON, "num_key_value_heads": 4}),  # MHA, as Zamba2's
 }
 # Variants, checked on logits: every bias flag on; Nemotron 3's latent-space experts (1 group).
 TINY["bamba_bias"] = {**TINY["bamba"], "attention_bias": True, "mlp_bias": True, "mamba_proj_bias": True,
@@ -65,11 +72,16 @@ TINY["falcon_gate_first"] = {**TINY["falcon_h1"], "mamba_norm_before_gate": Fals
 TINY["nemotron_latent"] = {**TINY["nemotron_h"], "moe_latent_size": 24, "n_group": 1, "topk_group": 1,
                            "norm_topk_prob": False, "mlp_bias": True}
 
+# Zamba2's shared blocks have no residual inside and feed every hybrid layer: with N(0, 0.2)
+# weights its fp32 forward (HF's and ours alike) is ~7e-5 off float64; 0.1 keeps it near 1e-6.
+WEIGHT_STD = {"zamba2": 0.1}
+
 _CLASSES = {
     "bamba": ("BambaConfig", "BambaForCausalLM"),
     "nemotron_h": ("NemotronHConfig", "NemotronHForCausalLM"),
     "granitemoehybrid": ("GraniteMoeHybridConfig", "GraniteMoeHybridForCausalLM"),
     "falcon_h1": ("FalconH1Config", "FalconH1ForCausalLM"),
+    "zamba2": ("Zamba2Config", "Zamba2ForCausalLM"),
 }
 
 
@@ -80,8 +92,9 @@ def hf_config(name: str, **overrides: Any):
 
 
 @torch.no_grad()
-def make_hf_model(name: str, seed: int = 0, weight_std: float = 0.2, **overrides: Any):
+def make_hf_model(name: str, seed: int = 0, weight_std: float | None = None, **overrides: Any):
     """A seeded random fp32 HF model of the tiny `name` config, eval mode, eager attention."""
+    weight_std = WEIGHT_STD.get(name, 0.2) if weight_std is None else weight_std
     torch.manual_seed(seed)
     cfg = hf_config(name, **overrides)
     cfg._attn_implementation = "eager"

@@ -25,7 +25,7 @@ LOGITS_RTOL = 1e-4  # max |ours - HF| / max |HF|
 MIN_GAP = 1e-4  # smallest HF top-2 gap on a compared greedy path
 NEW_TOKENS = 64
 CAPACITY = 160
-FAMILIES = ["bamba", "nemotron_h", "granite_dense", "granite_moe", "falcon_h1"]
+FAMILIES = ["bamba", "nemotron_h", "granite_dense", "granite_moe", "falcon_h1", "zamba2"]
 LENGTHS = [17, 40, 5]  # one ragged batch, right-padded to 48
 PAD_T = 48
 
@@ -127,7 +127,7 @@ def test_config_and_names_match_checkpoint(case):
     hf = case.hf.config
     assert case.cfg.num_hidden_layers == hf.num_hidden_layers
     kinds = {"linear_attention": "mamba", "full_attention": "attention", "mlp": "mlp", "moe": "moe",
-             "hybrid": "parallel"}  # HF's layer type names -> ours (Falcon-H1: "hybrid")
+             "hybrid": "parallel" if case.cfg.family == "falcon_h1" else "hybrid"}  # HF's names -> ours
     assert case.cfg.layer_types == tuple(kinds[t] for t in hf.layer_types)
     with safe_open(str(case.path / "model.safetensors"), "np") as f:
         stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
