@@ -1,5 +1,5 @@
-"""Hybrid models (Bamba, Nemotron-H, Granite-4.0-H dense and MoE) against HF transformers' PyTorch
-references, fp32, token for token.
+"""Hybrid models (Bamba, Nemotron-H, Granite-4.0-H dense and MoE, Falcon-H1, Zamba2) against HF
+transformers' PyTorch references, fp32, token for token.
 
 Each reference is a seeded tiny HF model saved with `save_pretrained` and loaded into our model
 from that directory. Chunk size 16, so prompts of 17-40 tokens cross chunk boundaries; the KV
@@ -8,114 +8,22 @@ capacity (160) spans five 32-key blocks, so attention runs its blockwise online 
 
 from __future__ import annotations
 
-import dataclasses
-from pathlib import Path
-
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
-from exporter.hybrid import HybridLM, state_shapes
-from exporter.hybrid_config import HybridConfig, from_hf_config
-from exporter.hybrid_params import load_hybrid, param_shapes, weight_spec
+from exporter.hybrid_params import weight_spec
+from hybrid_fixtures import (  # noqa: F401  (hybrid_case is a fixture)
+    LENGTHS, LOGITS_RTOL, PAD_T, hybrid_case, prompts, rel_diff, right_pad, row_of,
+)
 
-LOGITS_RTOL = 1e-4  # max |ours - HF| / max |HF|
 MIN_GAP = 1e-4  # smallest HF top-2 gap on a compared greedy path
 NEW_TOKENS = 64
-CAPACITY = 160
 FAMILIES = ["bamba", "nemotron_h", "granite_dense", "granite_moe", "falcon_h1", "zamba2"]
-LENGTHS = [17, 40, 5]  # one ragged batch, right-padded to 48
-PAD_T = 48
-
-
-def rel_diff(ours, theirs) -> float:
-    ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
-    return float(np.abs(ours - theirs).max() / np.abs(theirs).max())
-
-
-def prompts(lengths, vocab: int, seed: int) -> list[list[int]]:
-    rng = np.random.default_rng(2000 + seed)
-    return [rng.integers(3, vocab, n).tolist() for n in lengths]
-
-
-def right_pad(rows, t: int) -> tuple[np.ndarray, np.ndarray]:
-    tokens = np.zeros((len(rows), t), np.int32)
-    for i, r in enumerate(rows):
-        tokens[i, : len(r)] = r
-    return tokens, np.asarray([len(r) for r in rows], np.int32)
-
-
-class HybridRunner:
-    """Jitted prefill / step of one live HybridLM (params traced, so configs share compiles)."""
-
-    def __init__(self, model: HybridLM, fast_jit, capacity: int = CAPACITY):
-        self.model, self.capacity = model, capacity
-        graphdef, self.params = nnx.split(model)
-        self._prefill = fast_jit(lambda p, s, tok, n: nnx.merge(graphdef, p).prefill(s, tok, n))
-
-        def step(p, tok, state, active):
-            m = nnx.merge(graphdef, p)
-            logits, carry = m.step(tok, m.loop_carry(state), active)
-            return logits, m.state_dict(carry)
-
-        self._step = fast_jit(step)
-        self.forward = lambda tokens: fast_jit(lambda p, t: nnx.merge(graphdef, p).forward(t))(
-            self.params, jnp.asarray(tokens, jnp.int32))
-
-    def empty(self, batch: int) -> dict:
-        return {k: jnp.zeros(s.shape, s.dtype)
-                for k, s in state_shapes(self.model.cfg, batch, self.model.dtype, self.capacity).items()}
-
-    def prefill(self, state, tokens, lengths):
-        return self._prefill(self.params, state, jnp.asarray(tokens, jnp.int32), jnp.asarray(lengths, jnp.int32))
-
-    def step(self, tokens, state, active=None):
-        active = jnp.ones(len(tokens), bool) if active is None else jnp.asarray(active)
-        return self._step(self.params, jnp.asarray(tokens, jnp.int32), state, active)
-
-    def greedy(self, logits, state, n: int):
-        """n greedy tokens per row from prefill's logits: (tokens [b, n], logits [b, n, V], state)."""
-        toks, all_logits = [], []
-        for i in range(n):
-            all_logits.append(np.asarray(logits))
-            nxt = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-            toks.append(np.asarray(nxt))
-            if i + 1 < n:
-                logits, state = self.step(nxt, state)
-        return np.stack(toks, 1), np.stack(all_logits, 1), state
-
-
-@dataclasses.dataclass
-class Case:
-    name: str
-    path: Path
-    hf: object
-    cfg: HybridConfig
-    runner: HybridRunner
-
-
-@pytest.fixture(scope="session")
-def hybrid_case(tmp_path_factory, fast_jit):
-    built: dict[str, Case] = {}
-
-    def make(name: str, seed: int = 0, **overrides) -> Case:
-        key = name + repr(sorted(overrides.items()))
-        if key not in built:
-            import hybrid_reference as ref
-
-            hf = ref.make_hf_model(name, seed=seed, **overrides)
-            path = ref.save_checkpoint(hf, tmp_path_factory.mktemp(f"hf-{name}"))
-            cfg, model = load_hybrid(str(path))
-            built[key] = Case(name, path, hf, cfg, HybridRunner(model, fast_jit))
-        return built[key]
-
-    return make
 
 
 @pytest.fixture(params=FAMILIES)
-def case(request, hybrid_case) -> Case:
+def case(request, hybrid_case):
     return hybrid_case(request.param)
 
 
@@ -222,7 +130,7 @@ def test_prefill_continues_from_state(case):
     mid_logits, mid = r.prefill(r.empty(3), *right_pad([row[:c] for row, c in zip(rows, cuts)], 24))
     logits, state = r.prefill(mid, *right_pad([row[c:] for row, c in zip(rows, cuts)], 24))
     for k in mid:
-        np.testing.assert_array_equal(np.asarray(_row(state[k], k, 2)), np.asarray(_row(mid[k], k, 2)), err_msg=k)
+        np.testing.assert_array_equal(np.asarray(row_of(state[k], k, 2)), np.asarray(row_of(mid[k], k, 2)), err_msg=k)
     logits = logits.at[2].set(mid_logits[2])  # row 2 got no new tokens: its logits are the first call's
     assert rel_diff(logits, full_logits) < LOGITS_RTOL
     np.testing.assert_array_equal(np.asarray(state["pos"]), np.asarray(full_state["pos"]))
@@ -231,10 +139,6 @@ def test_prefill_continues_from_state(case):
     ours, _, _ = r.greedy(logits, state, 16)
     full, _, _ = r.greedy(full_logits, full_state, 16)
     np.testing.assert_array_equal(ours, full)
-
-
-def _row(a, key, i):
-    return a[i] if key == "pos" else a[:, i]
 
 
 def test_inactive_row_is_frozen(case):
@@ -246,8 +150,8 @@ def test_inactive_row_is_frozen(case):
     nxt = jnp.argmax(logits, -1).astype(jnp.int32)
     step_logits, after = r.step(nxt, state, [True, False])
     for k in state:
-        np.testing.assert_array_equal(np.asarray(_row(after[k], k, 1)), np.asarray(_row(state[k], k, 1)), err_msg=k)
+        np.testing.assert_array_equal(np.asarray(row_of(after[k], k, 1)), np.asarray(row_of(state[k], k, 1)), err_msg=k)
     both_logits, both = r.step(nxt, state)
     assert rel_diff(step_logits[0], both_logits[0]) < 1e-6
     for k in state:
-        np.testing.assert_array_equal(np.asarray(_row(after[k], k, 0)), np.asarray(_row(both[k], k, 0)), err_msg=k)
+        np.testing.assert_array_equal(np.asarray(row_of(after[k], k, 0)), np.asarray(row_of(both[k], k, 0)), err_msg=k)
