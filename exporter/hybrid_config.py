@@ -17,7 +17,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from exporter.config import ConfigError, Mamba2Config, _hf_float, _json_float
+from exporter.config import ConfigError, Mamba2Config
 
 FAMILIES = ("bamba", "nemotron_h", "granitemoehybrid", "falcon_h1", "zamba2")
 ARCHITECTURES = {
@@ -208,6 +208,17 @@ class HybridConfig:
 
 # ---------------------------------------------------------------------------------------------
 # HF config.json -> HybridConfig
+
+
+def _hf_float(v) -> float:
+    """A number from config.json: plain, `Infinity`, or transformers 5's {"__float__": "Infinity"}."""
+    if isinstance(v, dict) and set(v) == {"__float__"}:
+        v = v["__float__"]
+    return float(v)
+
+
+def _json_float(v: float) -> float | str:
+    return v if math.isfinite(v) else ("Infinity" if v > 0 else "-Infinity")
 
 
 def _first(v):
