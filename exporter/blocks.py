@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from exporter.model import Linear, _zeros
+from exporter.model import Conv1d, Linear, _zeros
 
 F32 = jnp.float32
 KV_BLOCK = 256  # keys per online-softmax block; KV capacities are rounded up to a multiple of it
@@ -52,6 +52,30 @@ def apply_rope(x, cos, sin):
     rotated = jnp.concatenate([-x2, x1], axis=-1)
     out = xr * cos[:, :, None] + rotated * sin[:, :, None]
     return jnp.concatenate([out.astype(x.dtype), rest], axis=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Causal depthwise convolution continuing from a window of past inputs
+
+
+def conv_prefill(conv: Conv1d, x, window, lengths):
+    """x [b, t, C] after window [b, K-1, C] (the previous K-1 inputs; zeros = fresh). Returns
+    (y [b, t, C] float32, no activation; the window ending at each row's length, window dtype)."""
+    K = conv.weight.shape[-1]
+    t = x.shape[1]
+    padded = jnp.concatenate([window.astype(F32), x.astype(F32)], axis=1)  # [b, K-1+t, C]
+    taps = conv.taps()  # [K, C]
+    y = conv.add_bias(sum(padded[:, k:k + t] * taps[k] for k in range(K)))
+    idx = lengths[:, None] + jnp.arange(K - 1)[None, :]  # [b, K-1]
+    return y, jnp.take_along_axis(padded, idx[:, :, None], axis=1).astype(window.dtype)
+
+
+def conv_step(conv: Conv1d, x, window, active):
+    """One input x [b, C]; rows not active keep their window. Returns (y [b, C] float32, window)."""
+    full = jnp.concatenate([window.astype(F32), x.astype(F32)[:, None]], axis=1)  # [b, K, C]
+    taps = conv.taps()
+    y = conv.add_bias(sum(full[:, k] * taps[k] for k in range(taps.shape[0])))
+    return y, jnp.where(active[:, None, None], full[:, 1:].astype(window.dtype), window)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,10 +147,8 @@ class Attention(nnx.Module):
         """q, k, v projections of h [..., d_in] (`adapter`: which of Zamba2's per-layer adapters)."""
         return self.q_proj(h), self.k_proj(h), self.v_proj(h)
 
-    def _qkv(self, h, rope, adapter=None):
-        """h [b, t, d] or [b, d] -> q [b, t, H, D], k, v [b, t, G, D] (RoPE applied)."""
-        lead = h.shape[:-1] if h.ndim == 3 else (h.shape[0], 1)
-        q, k, v = self._project(h, adapter)
+    def _heads(self, q, k, v, lead, rope):
+        """Flat projections -> q [b, t, H, D], k, v [b, t, G, D], RoPE applied."""
         q = q.reshape(*lead, self.heads, self.head_dim)
         k = k.reshape(*lead, self.kv_heads, self.head_dim)
         v = v.reshape(*lead, self.kv_heads, self.head_dim)
@@ -145,32 +167,82 @@ class Attention(nnx.Module):
     def _out(self, o, lead):
         return self.o_proj(o.reshape(*lead, self.heads * self.head_dim).astype(self.o_proj.weight.dtype))
 
-    def __call__(self, h, rope, pos, valid, lengths, kv, adapter=None):
-        """Prefill: h [b, t, d]; pos [b] tokens already cached; valid [b, t]; lengths [b].
-        New keys go to slots pos + j for valid j only (masked writes). Returns (out, (k, v))."""
+    def prefill_core(self, q, k, v, pos, valid, lengths, kv):
+        """q [b, t, H, D], k, v [b, t, G, D] at positions pos + j. New keys go to slots pos + j for
+        valid j only (masked writes). Returns (out [b, t, d], (k_cache, v_cache))."""
         k_cache, v_cache = kv
-        b, t = h.shape[:2]
+        b, t = q.shape[:2]
         c = k_cache.shape[1]
-        q, k, v = self._qkv(h, rope, adapter)
         q_pos = pos[:, None] + jnp.arange(t)[None, :]  # [b, t]
         slots = jnp.where(valid & (q_pos < c), q_pos, c)
         k_cache, v_cache = self._write(k_cache, k, slots), self._write(v_cache, v, slots)
         o = attend(q, k_cache, v_cache, q_pos, jnp.max(pos + lengths), self.scale)
         return self._out(o, (b, t)), (k_cache, v_cache)
 
-    def step(self, h, rope, pos, active, kv, adapter=None):
-        """Decode: h [b, d]; the token of row i sits at position pos[i]. Inactive rows write nothing."""
+    def step_core(self, q, k, v, pos, active, kv):
+        """One token per row (q [b, 1, H, D]) at position pos[i]; inactive rows write nothing."""
         k_cache, v_cache = kv
         c = k_cache.shape[1]
-        q, k, v = self._qkv(h, rope, adapter)  # [b, 1, ., D]
         slots = jnp.where(active & (pos < c), pos, c)[:, None]  # [b, 1]
         k_cache, v_cache = self._write(k_cache, k, slots), self._write(v_cache, v, slots)
         o = attend(q, k_cache, v_cache, pos[:, None], jnp.max(pos) + 1, self.scale)
-        return self._out(o[:, 0], (h.shape[0],)), (k_cache, v_cache)
+        return self._out(o[:, 0], (q.shape[0],)), (k_cache, v_cache)
+
+    def __call__(self, h, rope, pos, valid, lengths, kv, adapter=None):
+        """Prefill: h [b, t, d]; pos [b] tokens already cached; valid [b, t]; lengths [b]."""
+        q, k, v = self._heads(*self._project(h, adapter), h.shape[:2], rope)
+        return self.prefill_core(q, k, v, pos, valid, lengths, kv)
+
+    def step(self, h, rope, pos, active, kv, adapter=None):
+        """Decode: h [b, d]; the token of row i sits at position pos[i]."""
+        q, k, v = self._heads(*self._project(h, adapter), (h.shape[0], 1), rope)
+        return self.step_core(q, k, v, pos, active, kv)
 
 
 # ---------------------------------------------------------------------------------------------
 # Dense feed-forward blocks
+
+
+class MambaSSMAttention(Attention):
+    """mamba_ssm's MHA: one in_proj for q | k | v (rows: H heads, then G keys, then G values), an
+    optional causal depthwise conv over them (no activation), partial RoPE, out_proj."""
+
+    def __init__(self, cfg, dtype, rowwise: bool = False):
+        d, H, G, D = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        out_bias = cfg.attention_bias if cfg.attention_out_bias is None else cfg.attention_out_bias
+        self.in_proj = Linear(d, (H + 2 * G) * D, cfg.attention_bias, dtype, rowwise)
+        self.conv1d = Conv1d((H + 2 * G) * D, cfg.attention_conv, True, dtype) if cfg.attention_conv else None
+        self.out_proj = Linear(H * D, d, out_bias, dtype, rowwise)
+        self.heads, self.kv_heads, self.head_dim = H, G, D
+        self.scale, self.key_multiplier = cfg.scale, 1.0
+
+    @property
+    def o_proj(self):
+        return self.out_proj
+
+    def _split(self, qkv):
+        HD, GD = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        return qkv[..., :HD], qkv[..., HD:HD + GD], qkv[..., HD + GD:]
+
+    def __call__(self, h, rope, pos, valid, lengths, kv, window=None):
+        """As Attention, plus the conv window [b, K-1, C] (None without a conv). Returns
+        (out, (k, v), window)."""
+        qkv = self.in_proj(h)  # [b, t, C]
+        if self.conv1d is not None:
+            qkv, window = conv_prefill(self.conv1d, qkv, window, lengths)
+            qkv = qkv.astype(h.dtype)
+        q, k, v = self._heads(*self._split(qkv), h.shape[:2], rope)
+        out, kv = self.prefill_core(q, k, v, pos, valid, lengths, kv)
+        return out, kv, window
+
+    def step(self, h, rope, pos, active, kv, window=None):
+        qkv = self.in_proj(h)  # [b, C]
+        if self.conv1d is not None:
+            qkv, window = conv_step(self.conv1d, qkv, window, active)
+            qkv = qkv.astype(h.dtype)
+        q, k, v = self._heads(*self._split(qkv), (h.shape[0], 1), rope)
+        out, kv = self.step_core(q, k, v, pos, active, kv)
+        return out, kv, window
 
 
 class GatedMLP(nnx.Module):
@@ -191,6 +263,18 @@ class GatedMLP(nnx.Module):
         h = activation(self.act, gate) * self.up_proj(x).astype(F32)
         out = self.down_proj(h.astype(self.down_proj.weight.dtype))
         return out * self.down_multiplier if self.down_multiplier != 1.0 else out
+
+
+class MambaSSMMLP(nnx.Module):
+    """mamba_ssm's GatedMLP: fc1 -> [y | gate] halves -> y * silu(gate) -> fc2 (no biases)."""
+
+    def __init__(self, d: int, inner: int, dtype, rowwise: bool = False):
+        self.fc1 = Linear(d, 2 * inner, False, dtype, rowwise)
+        self.fc2 = Linear(inner, d, False, dtype, rowwise)
+
+    def __call__(self, x):
+        y, gate = jnp.split(self.fc1(x).astype(F32), 2, axis=-1)
+        return self.fc2((y * jax.nn.silu(gate)).astype(self.fc2.weight.dtype))
 
 
 class PlainMLP(nnx.Module):

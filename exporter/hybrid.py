@@ -8,6 +8,7 @@ State (a dict of arrays, one batch dim each; all zeros = a fresh sequence; rows 
   "conv": [Lm, b, K-1, conv_dim] model dtype   the Mamba layers' conv windows
   "ssm":  [Lm, b, H, P, N] float32             their SSM states
   "k", "v": [La, b, c, G, D] model dtype       the attention layers' KV caches, capacity c
+  "attn_conv": [La, b, K-1, qkv] model dtype   mamba_ssm's attention conv windows (when it has one)
   "pos":  [b] int32                            tokens each row has seen (its next position)
 (conv/ssm are absent without Mamba layers, k/v without attention layers.)
 """
@@ -33,6 +34,7 @@ _LAYOUT = {
     "nemotron_h": ("backbone", "embeddings", "norm_f"),
     "falcon_h1": ("model", "embed_tokens", "final_layernorm"),
     "zamba2": ("model", "embed_tokens", "final_layernorm"),
+    "mamba_ssm": ("backbone", "embedding", "norm_f"),
 }
 
 
@@ -47,7 +49,7 @@ class Trunk(nnx.Module):
         setattr(self, final, RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype))
 
     @property
-    def embedding(self) -> Embedding:
+    def token_embedding(self) -> Embedding:
         return getattr(self, self.embed_name)
 
     @property
@@ -75,7 +77,7 @@ class HybridLM(nnx.Module):
     def logits(self, resid):
         """float32 logits from the residual stream [..., d]."""
         h = self.trunk.final_norm(resid).astype(self.dtype)
-        w = (self.trunk.embedding.weight if self.lm_head is None else self.lm_head.weight)[...]
+        w = (self.trunk.token_embedding.weight if self.lm_head is None else self.lm_head.weight)[...]
         if self.rowwise_decode and h.ndim == 2:
             out = matvec(h, w, out_dtype=F32)
         else:
@@ -85,7 +87,7 @@ class HybridLM(nnx.Module):
         return out / self.cfg.logits_scaling if self.cfg.logits_scaling != 1.0 else out
 
     def _embed(self, tokens):
-        resid = self.trunk.embedding(tokens).astype(F32)
+        resid = self.trunk.token_embedding(tokens).astype(F32)
         m = self.cfg.embedding_multiplier
         return resid * m if m != 1.0 else resid
 
@@ -105,6 +107,8 @@ class HybridLM(nnx.Module):
                 mi += 1
             if kind in ATTENTION_KINDS:
                 st["attention"] = (state["k"][ai], state["v"][ai])
+                if "attn_conv" in state:
+                    st["attn_conv"] = state["attn_conv"][ai]
                 ai += 1
             out.append(st)
         return out
@@ -118,6 +122,8 @@ class HybridLM(nnx.Module):
                 if group in st:
                     carry.setdefault(a, []).append(st[group][0])
                     carry.setdefault(b, []).append(st[group][1])
+            if "attn_conv" in st:
+                carry.setdefault("attn_conv", []).append(st["attn_conv"])
         return carry
 
     def _run(self, state, tokens, lengths):
@@ -188,6 +194,9 @@ def state_shapes(cfg: HybridConfig, batch, dtype, capacity: int) -> dict[str, ja
         kv = (La, batch, capacity, cfg.num_key_value_heads, cfg.head_dim)
         out["k"] = jax.ShapeDtypeStruct(kv, dtype)
         out["v"] = jax.ShapeDtypeStruct(kv, dtype)
+        if cfg.attention_conv:
+            qkv = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim
+            out["attn_conv"] = jax.ShapeDtypeStruct((La, batch, cfg.attention_conv - 1, qkv), dtype)
     out["pos"] = jax.ShapeDtypeStruct((batch,), jnp.int32)
     return out
 

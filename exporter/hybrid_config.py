@@ -6,7 +6,9 @@ One dataclass covers every family; `family` picks the layer structure and the ch
 "mamba" or "attention" (Bamba, Granite-4.0-H: every layer then has its feed-forward part), or
 for Nemotron-H, whose layers are single blocks, also "mlp" and "moe"; Falcon-H1's layers are all
 "parallel" (attention and Mamba-2 side by side, then an MLP); Zamba2's are "mamba" or "hybrid" (a
-transformer block shared between layers feeds the layer's Mamba-2 input).
+transformer block shared between layers feeds the layer's Mamba-2 input). mamba_ssm's own hybrid
+checkpoints (attn_layer_idx) have "mamba" / "attention" layers, each with an MLP when
+d_intermediate > 0.
 """
 
 from __future__ import annotations
@@ -19,13 +21,14 @@ from typing import Any
 
 from exporter.config import ConfigError, Mamba2Config
 
-FAMILIES = ("bamba", "nemotron_h", "granitemoehybrid", "falcon_h1", "zamba2")
+FAMILIES = ("bamba", "nemotron_h", "granitemoehybrid", "falcon_h1", "zamba2", "mamba_ssm")
 ARCHITECTURES = {
     "BambaForCausalLM": "bamba",
     "NemotronHForCausalLM": "nemotron_h",
     "GraniteMoeHybridForCausalLM": "granitemoehybrid",
     "FalconH1ForCausalLM": "falcon_h1",
     "Zamba2ForCausalLM": "zamba2",
+    "MambaLMHeadModel": "mamba_ssm",  # mamba_ssm's own config.json (attn_layer_idx / d_intermediate)
 }
 # Layer kinds that carry a Mamba-2 state / a KV cache ("parallel": Falcon-H1's attention and
 # Mamba-2 side by side in one layer; "hybrid": Zamba2's shared transformer block, then Mamba-2).
@@ -73,6 +76,8 @@ class HybridConfig:
     num_key_value_heads: int = 8
     head_dim: int = 128
     attention_bias: bool = False
+    attention_out_bias: bool | None = None  # None: attention_bias (mamba_ssm's MHA has its own flag)
+    attention_conv: int = 0  # mamba_ssm's MHA: causal depthwise conv over q|k|v of this width (0: none)
     attention_scale: float = 0.0  # 0: head_dim ** -0.5
     rotary_dim: int = 0  # leading dims of each head rotated by RoPE; 0: no RoPE
     rope_theta: float = 10000.0
@@ -434,9 +439,67 @@ def _zamba2(hf: dict, name: str) -> HybridConfig:
 _PARSERS = {"bamba": _bamba, "nemotron_h": _nemotron_h, "granitemoehybrid": _granite, "falcon_h1": _falcon_h1,
             "zamba2": _zamba2}
 
+# mamba_ssm's MHA arguments (attn_cfg) and what this model supports of them.
+_ATTN_CFG_KEYS = frozenset({"num_heads", "num_heads_kv", "head_dim", "mlp_dim", "qkv_proj_bias", "out_proj_bias",
+                            "softmax_scale", "causal", "d_conv", "rotary_emb_dim", "rotary_emb_base",
+                            "rotary_emb_interleaved"})
+
+
+def is_mamba_ssm_hybrid(d: dict) -> bool:
+    """A mamba_ssm config.json with attention layers or MLPs (a pure one is a Mamba2Config)."""
+    from exporter.config_files import is_mamba_ssm_config
+
+    return is_mamba_ssm_config(d) and bool(d.get("attn_layer_idx") or d.get("d_intermediate"))
+
+
+def from_mamba_ssm_hybrid(d: dict[str, Any], name: str = "custom") -> HybridConfig:
+    """mamba_ssm's MambaLMHeadModel config with attn_layer_idx / attn_cfg / d_intermediate. The
+    Mamba-2 part is read (and checked) by exporter.config_files, as for pure checkpoints."""
+    from exporter.config_files import from_mamba_ssm_config
+
+    m = from_mamba_ssm_config({**d, "attn_layer_idx": [], "d_intermediate": 0, "attn_cfg": {}}, name)
+    attn_idx = d.get("attn_layer_idx") or []
+    if not isinstance(attn_idx, list) or not all(isinstance(i, int) and 0 <= i < m.num_hidden_layers
+                                                 for i in attn_idx):
+        raise ConfigError(f"attn_layer_idx must list layer indices below n_layer {m.num_hidden_layers}, "
+                          f"got {attn_idx!r}")
+    a = d.get("attn_cfg") or {}
+    extra = sorted(set(a) - _ATTN_CFG_KEYS)
+    if extra:
+        raise ConfigError(f"attn_cfg has keys {extra} this model does not know: refusing to guess what they change")
+    if attn_idx:
+        if not a.get("causal", False):
+            raise ConfigError("attn_cfg.causal is not true: bidirectional attention cannot generate")
+        if a.get("rotary_emb_interleaved", False):
+            raise ConfigError("attn_cfg.rotary_emb_interleaved=true (GPT-J style RoPE) is not supported")
+        if a.get("mlp_dim", 0):
+            raise ConfigError("attn_cfg.mlp_dim > 0 (an MLP fused into the attention projections) is not supported")
+        if "num_heads" not in a:
+            raise ConfigError("attn_cfg lacks num_heads, which has no safe default: add it")
+    d_model = m.hidden_size
+    heads = int(a.get("num_heads", 1))
+    head_dim = int(a.get("head_dim") or d_model // heads)
+    d_inter = int(d.get("d_intermediate", 0) or 0)
+    scale = a.get("softmax_scale")
+    return HybridConfig(
+        family="mamba_ssm", layer_types=tuple("attention" if i in attn_idx else "mamba"
+                                              for i in range(m.num_hidden_layers)),
+        hidden_size=d_model, vocab_size=m.vocab_size, norm_eps=1e-5, tie_word_embeddings=m.tie_word_embeddings,
+        mamba_num_heads=m.num_heads, mamba_head_dim=m.head_dim, mamba_n_groups=m.n_groups,
+        mamba_d_state=m.state_size, mamba_d_conv=m.conv_kernel, mamba_chunk_size=m.chunk_size,
+        mamba_conv_bias=m.use_conv_bias, mamba_proj_bias=m.use_bias, time_step_limit=m.time_step_limit,
+        num_attention_heads=heads, num_key_value_heads=int(a.get("num_heads_kv") or heads), head_dim=head_dim,
+        attention_bias=bool(a.get("qkv_proj_bias", True)), attention_out_bias=bool(a.get("out_proj_bias", True)),
+        attention_conv=int(a.get("d_conv", 0)), attention_scale=float(scale) if scale else 0.0,
+        rotary_dim=int(a.get("rotary_emb_dim", 0)), rope_theta=float(a.get("rotary_emb_base", 10000.0)),
+        intermediate_size=-(-d_inter // 128) * 128,  # GatedMLP rounds its width up to a multiple of 128
+        bos_token_id=m.bos_token_id, eos_token_id=m.eos_token_id, pad_token_id=m.pad_token_id, name=name,
+    )
+
 
 def is_hybrid_config(hf: dict) -> bool:
-    return hf.get("model_type") in _PARSERS
+    """Whether a config.json dict is one of the hybrid families (else: a pure Mamba-2 model)."""
+    return hf.get("model_type") in _PARSERS or is_mamba_ssm_hybrid(hf)
 
 
 def from_hf_config(hf: dict[str, Any], name: str = "custom") -> HybridConfig:
@@ -467,6 +530,8 @@ def load_hybrid_config(model: str) -> HybridConfig:
         raise ConfigError(f"cannot read {path}: {e}") from None
     if not isinstance(hf, dict):
         raise ConfigError(f"{path} is not a JSON object")
+    if is_mamba_ssm_hybrid(hf):
+        return from_mamba_ssm_hybrid(hf, name=path.parent.name or "custom")
     return from_hf_config(hf, name=path.parent.name or "custom")
 
 
@@ -544,3 +609,12 @@ PRESETS: dict[str, HybridConfig] = {
                      bos_token_id=1, eos_token_id=2, pad_token_id=0),
     )
 }
+# state-spaces/mamba2attn-2.7b: mamba_ssm's own hybrid (6 attention layers of 64, an attention conv)
+PRESETS["mamba2attn-2.7b"] = from_mamba_ssm_hybrid({
+    "d_model": 2560, "d_intermediate": 0, "n_layer": 64, "vocab_size": 50277, "ssm_cfg": {"layer": "Mamba2"},
+    "attn_layer_idx": [9, 18, 27, 36, 45, 56],
+    "attn_cfg": {"causal": True, "d_conv": 4, "head_dim": 128, "num_heads": 30, "out_proj_bias": False,
+                 "qkv_proj_bias": False, "rotary_emb_dim": 64},
+    "rms_norm": True, "residual_in_fp32": True, "fused_add_norm": True, "pad_vocab_size_multiple": 16,
+    "tie_embeddings": True,
+}, name="mamba2attn-2.7b")

@@ -14,7 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from exporter.blocks import Attention, FusedGatedMLP, GatedMLP, GraniteMoE, NemotronMoE, PlainMLP
+from exporter.blocks import (
+    Attention, FusedGatedMLP, GatedMLP, GraniteMoE, MambaSSMAttention, MambaSSMMLP, NemotronMoE, PlainMLP,
+)
 from exporter.hybrid_config import HybridConfig
 from exporter.model import Linear, Mixer, RMSNorm
 from exporter.ssd import ssd_chunked, ssd_step
@@ -229,8 +231,40 @@ class FalconLayer(nnx.Module):
         return resid, {"mamba": mamba_st, "attention": attn_st}
 
 
+# ---------------------------------------------------------------------------------------------
+# mamba_ssm's own hybrids (MambaLMHeadModel with attn_layer_idx / d_intermediate)
+
+
+class MambaSSMLayer(nnx.Module):
+    """norm -> mixer (Mamba2 or MHA) -> residual; with d_intermediate: norm2 -> mlp -> residual."""
+
+    def __init__(self, cfg: HybridConfig, kind: str, dtype, rowwise: bool):
+        d, eps = cfg.hidden_size, cfg.norm_eps
+        self.kind, self.dtype = kind, dtype
+        self.norm = RMSNorm(d, eps, dtype)
+        self.mixer = Mixer(cfg.mixer_config, dtype, rowwise) if kind == "mamba" else MambaSSMAttention(cfg, dtype, rowwise)
+        self.norm2 = RMSNorm(d, eps, dtype) if cfg.intermediate_size else None
+        self.mlp = MambaSSMMLP(d, cfg.intermediate_size, dtype, rowwise) if cfg.intermediate_size else None
+
+    def __call__(self, resid, ctx: Ctx, st: dict, step: bool):
+        h = self.norm(resid).astype(self.dtype)
+        st = dict(st)
+        if self.kind == "mamba":
+            out, st["mamba"] = run_mamba(self.mixer, h, ctx, st["mamba"], step)
+        else:
+            call, rows = (self.mixer.step, (ctx.active,)) if step else (self.mixer, (ctx.valid, ctx.lengths))
+            out, st["attention"], window = call(h, ctx.rope, ctx.pos, *rows, st["attention"], st.get("attn_conv"))
+            if window is not None:
+                st["attn_conv"] = window
+        resid = resid + out.astype(F32)
+        if self.mlp is not None:
+            resid = resid + self.mlp(self.norm2(resid).astype(self.dtype)).astype(F32)
+        return resid, st
+
+
 LAYER_CLASSES = {
     "bamba": BambaLayer, "granitemoehybrid": GraniteLayer, "nemotron_h": NemotronLayer, "falcon_h1": FalconLayer,
+    "mamba_ssm": MambaSSMLayer,
 }
 
 

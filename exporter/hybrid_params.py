@@ -44,6 +44,8 @@ _MATCH = {
                "num_key_value_heads": "num_key_value_heads", "intermediate_size": "intermediate_size",
                "n_mamba_heads": "mamba_num_heads", "mamba_d_state": "mamba_d_state", "mamba_ngroups": "mamba_n_groups",
                "num_mem_blocks": "num_mem_blocks", "tie_word_embeddings": "tie_word_embeddings"},
+    "mamba_ssm": {"d_model": "hidden_size", "n_layer": "num_hidden_layers", "vocab_size": "vocab_size",
+                  "tie_embeddings": "tie_word_embeddings"},
 }
 
 
@@ -78,6 +80,8 @@ def _sources(cfg: HybridConfig, name: str) -> dict:
             return {"stack": [[f"{prefix}.{j}.{proj}.weight", f"model{prefix[8:]}.{j}.{proj}.weight"]
                               for j in range(cfg.num_experts)]}
         return {"sources": [name, "model." + name[len("backbone."):]] if name.startswith("backbone.") else [name]}
+    if cfg.family == "mamba_ssm" and name == "backbone.embedding.weight":  # HF Mamba2's spelling
+        return {"sources": [name, "backbone.embeddings.weight"]}
     if cfg.family == "granitemoehybrid":  # transformers' in-memory names for the MoE tensors
         for ours, theirs in ((".block_sparse_moe.input_linear.weight", ".block_sparse_moe.experts.gate_up_proj"),
                              (".block_sparse_moe.output_linear.weight", ".block_sparse_moe.experts.down_proj"),
@@ -112,11 +116,10 @@ def weight_spec(cfg: HybridConfig, dtype=jnp.float32) -> dict:
          **_sources(cfg, name), "init": _init_rule(cfg, name)}
         for name, s in param_shapes(cfg, dtype).items()
     ]
-    hf = cfg.to_dict()
     return {
         "tensors": tensors,
         "ignore": ["lm_head.weight"] if cfg.tie_word_embeddings else [],
-        "config_match": {theirs: hf[ours] for theirs, ours in _MATCH[cfg.family].items()},
+        "config_match": {theirs: getattr(cfg, ours) for theirs, ours in _MATCH[cfg.family].items()},
     }
 
 

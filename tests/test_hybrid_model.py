@@ -78,12 +78,16 @@ def test_routed_experts_match_dense_mixture(tile):
 
 def test_presets_and_state_bytes():
     """Every preset builds, round-trips through to_dict (the manifest form), and its state for a
-    sequence of n tokens is the Mamba layers' fixed conv + SSM state plus 2 x K/V per cached token."""
+    sequence of n tokens is the Mamba layers' fixed conv + SSM state (+ attention conv windows)
+    plus 2 x K/V per cached token."""
     for name, cfg in PRESETS.items():
         assert HybridConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg, name
         m = cfg.mixer_config
         Lm, La = len(cfg.mamba_layers), len(cfg.attention_layers)
         fixed = Lm * ((m.conv_kernel - 1) * m.conv_dim * 2 + m.num_heads * m.head_dim * m.state_size * 4) + 4
+        if cfg.attention_conv:  # mamba_ssm's attention conv window over q | k | v
+            qkv = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim
+            fixed += La * (cfg.attention_conv - 1) * qkv * 2
         per_token = La * 2 * cfg.num_key_value_heads * cfg.head_dim * 2
         for n in (1, 300, 4096):
             assert state_bytes(cfg, jnp.bfloat16, n) == fixed + per_token * kv_capacity(n), (name, n)
@@ -92,10 +96,10 @@ def test_presets_and_state_bytes():
 
 def test_published_parameter_counts():
     """The presets' shapes give the published sizes (model cards: 9.8B, 9B, 8B, 3B, 7B, 32B, 1.5B, 7B,
-    2.7B, 90M), so the layouts and widths are the real ones."""
+    2.7B, 90M, 2.7B), so the layouts and widths are the real ones."""
     billions = {"bamba-9b": 9.78, "nemotron-nano-9b-v2": 8.89, "nemotron-h-8b": 8.10, "granite-4.0-h-micro": 3.19,
                 "granite-4.0-h-tiny": 6.94, "granite-4.0-h-small": 32.2, "falcon-h1-1.5b": 1.55,
-                "falcon-h1-7b": 7.59, "zamba2-2.7b": 2.66, "falcon-h1-tiny-90m": 0.091}
+                "falcon-h1-7b": 7.59, "zamba2-2.7b": 2.66, "falcon-h1-tiny-90m": 0.091, "mamba2attn-2.7b": 2.70}
     assert set(billions) == set(PRESETS)
     for name, want in billions.items():
         assert count_params(PRESETS[name]) / 1e9 == pytest.approx(want, rel=0.01), name
