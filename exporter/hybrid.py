@@ -205,3 +205,21 @@ def state_bytes(cfg: HybridConfig, dtype, tokens: int) -> int:
     """Bytes of state one sequence of `tokens` tokens needs (KV capacity = kv_capacity(tokens))."""
     shapes = state_shapes(cfg, 1, dtype, kv_capacity(max(tokens, 1)))
     return sum(s.size * jnp.dtype(s.dtype).itemsize for s in shapes.values())
+
+
+def state_summary(cfg: HybridConfig, dtype, capacity: int) -> dict:
+    """What a sequence's state costs, as plain numbers for the manifest (`inspect` shows them):
+    fixed bytes (Mamba conv windows + SSM states + attention conv windows + pos), KV bytes per
+    token of context, and the total at this artifact's KV capacity and at common lengths."""
+    shapes = state_shapes(cfg, 1, dtype, capacity)
+    size = {k: s.size * jnp.dtype(s.dtype).itemsize for k, s in shapes.items()}
+    kv = size.get("k", 0) + size.get("v", 0)
+    per_token = kv // capacity if capacity else 0
+    fixed = sum(size.values()) - kv
+    at = {f"{n // 1024}k": fixed + per_token * kv_capacity(n) for n in (1024, 8192, 32768, 131072)}
+    return {
+        "bytes_fixed": fixed, "bytes_per_token": per_token, "kv_capacity": capacity,
+        "bytes_per_sequence": fixed + per_token * capacity, "bytes_at_context": at,
+        "layers": {"mamba": len(cfg.mamba_layers), "attention": len(cfg.attention_layers),
+                   "total": cfg.num_hidden_layers},
+    }
