@@ -7,8 +7,6 @@ D head_dim, d hidden size, E experts, k experts per token.
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,7 +15,7 @@ from flax import nnx
 from exporter.model import Conv1d, Linear, _zeros
 
 F32 = jnp.float32
-KV_BLOCK = 256  # keys per online-softmax block; KV capacities are rounded up to a multiple of it
+KV_BLOCK = 256  # keys per online-softmax block (the exporter rounds KV capacities up to a multiple)
 
 
 def activation(name: str, x):
@@ -83,8 +81,8 @@ def conv_step(conv: Conv1d, x, window, active):
 
 
 def kv_block(capacity: int) -> int:
-    """The key block size used for a cache of this capacity (a divisor of it)."""
-    return KV_BLOCK if capacity % KV_BLOCK == 0 else math.gcd(KV_BLOCK, capacity)
+    """The key block size used for a cache of this capacity."""
+    return min(KV_BLOCK, capacity)
 
 
 def attend(q, k_cache, v_cache, q_pos, n_keys, scale: float):
@@ -104,16 +102,19 @@ def attend(q, k_cache, v_cache, q_pos, n_keys, scale: float):
     r = H // G
     block = kv_block(c)
     qg = q.reshape(b, t, G, r, D)
-    n_blocks = jnp.minimum((n_keys + block - 1) // block, c // block)
+    n_blocks = jnp.minimum((n_keys + block - 1) // block, -(-c // block))
 
     def body(i, carry):
         m, l, acc = carry  # [b, G, r, t], [b, G, r, t], [b, G, r, t, D]
-        start = i * block
+        # Block i covers keys [i*B, (i+1)*B); when c is not a multiple of B the last block is read
+        # as the cache's final B keys and its keys before i*B (already counted) are masked.
+        start = jnp.minimum(i * block, c - block)
         kb = jax.lax.dynamic_slice_in_dim(k_cache, start, block, axis=1)  # [b, B, G, D]
         vb = jax.lax.dynamic_slice_in_dim(v_cache, start, block, axis=1)
         s = jnp.einsum("btgrd,bsgd->bgrts", qg, kb.astype(qg.dtype), preferred_element_type=F32) * scale
         key_pos = start + jnp.arange(block)
-        visible = key_pos[None, None, None, None, :] <= q_pos[:, None, None, :, None]  # [b, 1, 1, t, B]
+        visible = ((key_pos[None, None, None, None, :] <= q_pos[:, None, None, :, None])
+                   & (key_pos >= i * block)[None, None, None, None, :])  # [b, 1, 1, t, B]
         s = jnp.where(visible, s, -jnp.inf)
         m_new = jnp.maximum(m, s.max(axis=-1))
         p = jnp.exp(s - m_new[..., None])  # masked keys: exp(-inf) = 0

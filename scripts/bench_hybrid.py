@@ -102,13 +102,13 @@ class JaxSystem:
         import jax.numpy as jnp
         from flax import nnx
 
-        from exporter.hybrid import state_shapes
+        from exporter.hybrid import kv_capacity, state_shapes
         from exporter.hybrid_params import load_hybrid
 
         self.jnp = jnp
         self.cfg, model = load_hybrid(str(path))
         graphdef, self.params = nnx.split(model)
-        self.shapes = state_shapes(self.cfg, 1, jnp.float32, capacity)
+        self.shapes = state_shapes(self.cfg, 1, jnp.float32, kv_capacity(capacity))
         self._prefill = jax.jit(lambda p, s, t, n: nnx.merge(graphdef, p).prefill(s, t, n))
 
         def decode(p, state, logits, n):

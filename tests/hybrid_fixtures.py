@@ -4,20 +4,23 @@ Torch is imported only when a case is built."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
+from unittest import mock
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+from exporter import blocks
 from exporter.hybrid import HybridLM, state_shapes
 from exporter.hybrid_config import HybridConfig
 from exporter.hybrid_params import load_hybrid
 
 LOGITS_RTOL = 1e-4  # max |ours - HF| / max |HF|
-CAPACITY = 160  # KV slots: five 32-key blocks, so attention runs its blockwise online softmax
+CAPACITY = 160  # KV slots: with KV_BLOCK = 32, five key blocks (attention's blockwise online softmax)
 LENGTHS = [17, 40, 5]  # one ragged batch, right-padded to PAD_T
 PAD_T = 48
 
@@ -45,10 +48,11 @@ def row_of(a, key: str, i: int):
 
 
 class HybridRunner:
-    """Jitted prefill / step / forward of one live HybridLM."""
+    """Jitted prefill / step / forward of one live HybridLM, traced with `kv_block` keys per
+    attention block (small, so tiny contexts still span several blocks)."""
 
-    def __init__(self, model: HybridLM, fast_jit, capacity: int = CAPACITY):
-        self.model, self.capacity = model, capacity
+    def __init__(self, model: HybridLM, fast_jit, capacity: int = CAPACITY, kv_block: int = 32):
+        self.model, self.capacity, self.kv_block = model, capacity, kv_block
         graphdef, self.params = nnx.split(model)
         self._prefill = fast_jit(lambda p, s, tok, n: nnx.merge(graphdef, p).prefill(s, tok, n))
 
@@ -64,15 +68,22 @@ class HybridRunner:
         return {k: jnp.zeros(s.shape, s.dtype)
                 for k, s in state_shapes(self.model.cfg, batch, self.model.dtype, self.capacity).items()}
 
+    def _tracing(self):
+        """KV_BLOCK as this runner traces with (jit traces on a call's first new shape)."""
+        return mock.patch.object(blocks, "KV_BLOCK", self.kv_block) if self.kv_block else contextlib.nullcontext()
+
     def prefill(self, state, tokens, lengths):
-        return self._prefill(self.params, state, jnp.asarray(tokens, jnp.int32), jnp.asarray(lengths, jnp.int32))
+        with self._tracing():
+            return self._prefill(self.params, state, jnp.asarray(tokens, jnp.int32), jnp.asarray(lengths, jnp.int32))
 
     def step(self, tokens, state, active=None):
         active = jnp.ones(len(tokens), bool) if active is None else jnp.asarray(active)
-        return self._step(self.params, jnp.asarray(tokens, jnp.int32), state, active)
+        with self._tracing():
+            return self._step(self.params, jnp.asarray(tokens, jnp.int32), state, active)
 
     def forward(self, tokens):
-        return self._forward(self.params, jnp.asarray(tokens, jnp.int32))
+        with self._tracing():
+            return self._forward(self.params, jnp.asarray(tokens, jnp.int32))
 
     def greedy(self, logits, state, n: int):
         """n greedy tokens per row from prefill's logits: (tokens [b, n], logits [b, n, V], state)."""

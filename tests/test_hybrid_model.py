@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from exporter import blocks
 from exporter.blocks import attend, kv_block, routed_experts
 from exporter.config import ConfigError
 from exporter.hybrid import kv_capacity, state_bytes, state_shapes
@@ -19,17 +20,19 @@ from exporter.hybrid_params import count_params, param_shapes, weight_spec
 from hybrid_fixtures import HybridRunner, hybrid_case, prompts, rel_diff, right_pad  # noqa: F401  (fixture)
 
 
-def test_attend_matches_dense_softmax():
-    """Blockwise online softmax over a 96-slot cache (3 blocks of 32) equals a dense masked softmax,
-    for ragged rows (their own cached counts), GQA (4 query heads over 2 KV heads), and a row whose
-    queries see only part of the cache."""
+@pytest.mark.parametrize("c", [96, 100])
+def test_attend_matches_dense_softmax(monkeypatch, c):
+    """Blockwise online softmax over a cache of 3 blocks of 32 keys (96), or 100 keys (the last
+    block read as the final 32 keys with the 28 already counted masked) equals a dense masked
+    softmax, for ragged rows (their own cached counts), GQA (4 query heads over 2 KV heads)."""
+    monkeypatch.setattr(blocks, "KV_BLOCK", 32)
     rng = np.random.default_rng(0)
-    b, t, H, G, D, c = 3, 5, 4, 2, 8, 96
+    b, t, H, G, D = 3, 5, 4, 2, 8
     assert kv_block(c) == 32
     q = rng.standard_normal((b, t, H, D)).astype(np.float32)
     k = rng.standard_normal((b, c, G, D)).astype(np.float32)
     v = rng.standard_normal((b, c, G, D)).astype(np.float32)
-    pos = np.array([0, 40, 77])  # tokens cached before these queries
+    pos = np.array([0, 40, c - t])  # tokens cached before these queries
     q_pos = pos[:, None] + np.arange(t)[None, :]
     n_keys = int((pos + t).max())
     ours = np.asarray(attend(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(q_pos), n_keys, 0.3))
@@ -44,9 +47,10 @@ def test_attend_matches_dense_softmax():
     np.testing.assert_allclose(ours, want, rtol=2e-5, atol=2e-6)
 
 
-def test_attend_skips_blocks_past_the_context():
+def test_attend_skips_blocks_past_the_context(monkeypatch):
     """Key blocks past n_keys are never read: NaNs there change nothing (cost follows the context,
     not the capacity)."""
+    monkeypatch.setattr(blocks, "KV_BLOCK", 32)
     rng = np.random.default_rng(1)
     q = jnp.asarray(rng.standard_normal((1, 1, 2, 4)), jnp.float32)
     k = rng.standard_normal((1, 96, 2, 4)).astype(np.float32)  # 3 blocks of 32
