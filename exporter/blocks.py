@@ -13,6 +13,7 @@ import numpy as np
 from flax import nnx
 
 from exporter.model import Conv1d, Linear, _zeros
+from exporter.numerics import Numerics
 
 F32 = jnp.float32
 KV_BLOCK = 256  # keys per online-softmax block (the exporter rounds KV capacities up to a multiple)
@@ -85,7 +86,7 @@ def kv_block(capacity: int) -> int:
     return min(KV_BLOCK, capacity)
 
 
-def attend(q, k_cache, v_cache, q_pos, n_keys, scale: float):
+def attend(q, k_cache, v_cache, q_pos, n_keys, scale: float, precision=None):
     """Causal attention of new queries over the cache, blockwise with an online softmax.
 
     q [b, t, H, D]; k_cache, v_cache [b, c, G, D]; q_pos [b, t] int32: each query's absolute
@@ -111,7 +112,8 @@ def attend(q, k_cache, v_cache, q_pos, n_keys, scale: float):
         start = jnp.minimum(i * block, c - block)
         kb = jax.lax.dynamic_slice_in_dim(k_cache, start, block, axis=1)  # [b, B, G, D]
         vb = jax.lax.dynamic_slice_in_dim(v_cache, start, block, axis=1)
-        s = jnp.einsum("btgrd,bsgd->bgrts", qg, kb.astype(qg.dtype), preferred_element_type=F32) * scale
+        s = jnp.einsum("btgrd,bsgd->bgrts", qg, kb.astype(qg.dtype), preferred_element_type=F32,
+                       precision=precision) * scale
         key_pos = start + jnp.arange(block)
         visible = ((key_pos[None, None, None, None, :] <= q_pos[:, None, None, :, None])
                    & (key_pos >= i * block)[None, None, None, None, :])  # [b, 1, 1, t, B]
@@ -120,7 +122,8 @@ def attend(q, k_cache, v_cache, q_pos, n_keys, scale: float):
         p = jnp.exp(s - m_new[..., None])  # masked keys: exp(-inf) = 0
         corr = jnp.exp(m - m_new)
         l = l * corr + p.sum(axis=-1)
-        pv = jnp.einsum("bgrts,bsgd->bgrtd", p.astype(vb.dtype), vb, preferred_element_type=F32)
+        pv = jnp.einsum("bgrts,bsgd->bgrtd", p.astype(vb.dtype), vb, preferred_element_type=F32,
+                        precision=precision)
         return m_new, l, acc * corr[..., None] + pv
 
     # A finite start for the running max: a block with no visible key then adds exactly 0.
@@ -134,15 +137,16 @@ def attend(q, k_cache, v_cache, q_pos, n_keys, scale: float):
 class Attention(nnx.Module):
     """GQA self-attention (q/k/v/o_proj) with optional partial RoPE, over a KV cache [b, c, G, D]."""
 
-    def __init__(self, cfg, dtype, rowwise: bool = False):
+    def __init__(self, cfg, dtype, numerics: Numerics):
         d, H, G, D = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         d_in, bias = cfg.attention_in_size or d, cfg.attention_bias
-        self.q_proj = Linear(d_in, H * D, bias, dtype, rowwise)
-        self.k_proj = Linear(d_in, G * D, bias, dtype, rowwise)
-        self.v_proj = Linear(d_in, G * D, bias, dtype, rowwise)
-        self.o_proj = Linear(H * D, d, bias, dtype, rowwise)
+        self.q_proj = Linear(d_in, H * D, bias, dtype, numerics)
+        self.k_proj = Linear(d_in, G * D, bias, dtype, numerics)
+        self.v_proj = Linear(d_in, G * D, bias, dtype, numerics)
+        self.o_proj = Linear(H * D, d, bias, dtype, numerics)
         self.heads, self.kv_heads, self.head_dim = H, G, D
         self.scale, self.key_multiplier = cfg.scale, cfg.key_multiplier
+        self.precision = numerics.precision("matmul")
 
     def _project(self, h, adapter):
         """q, k, v projections of h [..., d_in] (`adapter`: which of Zamba2's per-layer adapters)."""
@@ -177,7 +181,7 @@ class Attention(nnx.Module):
         q_pos = pos[:, None] + jnp.arange(t)[None, :]  # [b, t]
         slots = jnp.where(valid & (q_pos < c), q_pos, c)
         k_cache, v_cache = self._write(k_cache, k, slots), self._write(v_cache, v, slots)
-        o = attend(q, k_cache, v_cache, q_pos, jnp.max(pos + lengths), self.scale)
+        o = attend(q, k_cache, v_cache, q_pos, jnp.max(pos + lengths), self.scale, self.precision)
         return self._out(o, (b, t)), (k_cache, v_cache)
 
     def step_core(self, q, k, v, pos, active, kv):
@@ -186,7 +190,7 @@ class Attention(nnx.Module):
         c = k_cache.shape[1]
         slots = jnp.where(active & (pos < c), pos, c)[:, None]  # [b, 1]
         k_cache, v_cache = self._write(k_cache, k, slots), self._write(v_cache, v, slots)
-        o = attend(q, k_cache, v_cache, pos[:, None], jnp.max(pos) + 1, self.scale)
+        o = attend(q, k_cache, v_cache, pos[:, None], jnp.max(pos) + 1, self.scale, self.precision)
         return self._out(o[:, 0], (q.shape[0],)), (k_cache, v_cache)
 
     def __call__(self, h, rope, pos, valid, lengths, kv, adapter=None):
@@ -208,14 +212,15 @@ class MambaSSMAttention(Attention):
     """mamba_ssm's MHA: one in_proj for q | k | v (rows: H heads, then G keys, then G values), an
     optional causal depthwise conv over them (no activation), partial RoPE, out_proj."""
 
-    def __init__(self, cfg, dtype, rowwise: bool = False):
+    def __init__(self, cfg, dtype, numerics: Numerics):
         d, H, G, D = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         out_bias = cfg.attention_bias if cfg.attention_out_bias is None else cfg.attention_out_bias
-        self.in_proj = Linear(d, (H + 2 * G) * D, cfg.attention_bias, dtype, rowwise)
+        self.in_proj = Linear(d, (H + 2 * G) * D, cfg.attention_bias, dtype, numerics)
         self.conv1d = Conv1d((H + 2 * G) * D, cfg.attention_conv, True, dtype) if cfg.attention_conv else None
-        self.out_proj = Linear(H * D, d, out_bias, dtype, rowwise)
+        self.out_proj = Linear(H * D, d, out_bias, dtype, numerics)
         self.heads, self.kv_heads, self.head_dim = H, G, D
         self.scale, self.key_multiplier = cfg.scale, 1.0
+        self.precision = numerics.precision("matmul")
 
     @property
     def o_proj(self):
@@ -250,11 +255,11 @@ class GatedMLP(nnx.Module):
     """down(act(gate(x) * gm) * up(x)) * dm: Bamba's and Falcon-H1's feed_forward (gm, dm: Falcon's
     muP multipliers, 1 elsewhere)."""
 
-    def __init__(self, d: int, inner: int, bias: bool, act: str, dtype, rowwise: bool = False,
+    def __init__(self, d: int, inner: int, bias: bool, act: str, dtype, numerics: Numerics,
                  gate_multiplier: float = 1.0, down_multiplier: float = 1.0):
-        self.gate_proj = Linear(d, inner, bias, dtype, rowwise)
-        self.up_proj = Linear(d, inner, bias, dtype, rowwise)
-        self.down_proj = Linear(inner, d, bias, dtype, rowwise)
+        self.gate_proj = Linear(d, inner, bias, dtype, numerics)
+        self.up_proj = Linear(d, inner, bias, dtype, numerics)
+        self.down_proj = Linear(inner, d, bias, dtype, numerics)
         self.act, self.gate_multiplier, self.down_multiplier = act, gate_multiplier, down_multiplier
 
     def __call__(self, x):
@@ -269,9 +274,9 @@ class GatedMLP(nnx.Module):
 class MambaSSMMLP(nnx.Module):
     """mamba_ssm's GatedMLP: fc1 -> [y | gate] halves -> y * silu(gate) -> fc2 (no biases)."""
 
-    def __init__(self, d: int, inner: int, dtype, rowwise: bool = False):
-        self.fc1 = Linear(d, 2 * inner, False, dtype, rowwise)
-        self.fc2 = Linear(inner, d, False, dtype, rowwise)
+    def __init__(self, d: int, inner: int, dtype, numerics: Numerics):
+        self.fc1 = Linear(d, 2 * inner, False, dtype, numerics)
+        self.fc2 = Linear(inner, d, False, dtype, numerics)
 
     def __call__(self, x):
         y, gate = jnp.split(self.fc1(x).astype(F32), 2, axis=-1)
@@ -281,9 +286,9 @@ class MambaSSMMLP(nnx.Module):
 class PlainMLP(nnx.Module):
     """down(act(up(x))): Nemotron-H's MLP (ReLU^2) and its shared experts."""
 
-    def __init__(self, d: int, inner: int, bias: bool, act: str, dtype, rowwise: bool = False):
-        self.up_proj = Linear(d, inner, bias, dtype, rowwise)
-        self.down_proj = Linear(inner, d, bias, dtype, rowwise)
+    def __init__(self, d: int, inner: int, bias: bool, act: str, dtype, numerics: Numerics):
+        self.up_proj = Linear(d, inner, bias, dtype, numerics)
+        self.down_proj = Linear(inner, d, bias, dtype, numerics)
         self.act = act
 
     def __call__(self, x):
@@ -294,9 +299,9 @@ class PlainMLP(nnx.Module):
 class FusedGatedMLP(nnx.Module):
     """Granite's shared_mlp: input_linear -> [gate | up] halves -> act(gate) * up -> output_linear."""
 
-    def __init__(self, d: int, inner: int, act: str, dtype, rowwise: bool = False):
-        self.input_linear = Linear(d, 2 * inner, False, dtype, rowwise)
-        self.output_linear = Linear(inner, d, False, dtype, rowwise)
+    def __init__(self, d: int, inner: int, act: str, dtype, numerics: Numerics):
+        self.input_linear = Linear(d, 2 * inner, False, dtype, numerics)
+        self.output_linear = Linear(inner, d, False, dtype, numerics)
         self.act = act
 
     def __call__(self, x):
@@ -362,20 +367,21 @@ class Weight(nnx.Module):
 
 
 class GraniteRouter(nnx.Module):
-    def __init__(self, d: int, E: int, dtype):
-        self.layer = Linear(d, E, False, dtype)
+    def __init__(self, d: int, E: int, dtype, numerics: Numerics):
+        self.layer = Linear(d, E, False, dtype, numerics)
 
 
 class GraniteMoE(nnx.Module):
     """Granite's block_sparse_moe: softmax over the top-k router logits; gated SiLU experts
     input_linear [E, 2I, d] (gate | up), output_linear [E, d, I]."""
 
-    def __init__(self, cfg, dtype):
+    def __init__(self, cfg, dtype, numerics: Numerics):
         E, I, d = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
-        self.router = GraniteRouter(d, E, dtype)
+        self.router = GraniteRouter(d, E, dtype, numerics)
         self.input_linear = Weight((E, 2 * I, d), dtype)
         self.output_linear = Weight((E, d, I), dtype)
         self.k, self.E = cfg.experts_per_tok, E
+        self.precision = numerics.precision("matmul")
 
     def __call__(self, x):
         lead, d = x.shape[:-1], x.shape[-1]
@@ -386,9 +392,10 @@ class GraniteMoE(nnx.Module):
         w_in, w_out = self.input_linear.weight[...], self.output_linear.weight[...]
 
         def expert(xs, e):
-            gate, up = jnp.split(jnp.einsum("td,od->to", xs, w_in[e], preferred_element_type=F32), 2, axis=-1)
+            gate, up = jnp.split(jnp.einsum("td,od->to", xs, w_in[e], preferred_element_type=F32,
+                                            precision=self.precision), 2, axis=-1)
             h = (jax.nn.silu(gate) * up).astype(w_out.dtype)
-            return jnp.einsum("ti,oi->to", h, w_out[e], preferred_element_type=F32)
+            return jnp.einsum("ti,oi->to", h, w_out[e], preferred_element_type=F32, precision=self.precision)
 
         y = routed_experts(flat, idx, weights, self.E, expert, d, _expert_tile(x))
         return y.astype(x.dtype).reshape(*lead, d)
@@ -407,7 +414,9 @@ class NemotronRouter(nnx.Module):
         """x [N, d] -> (idx [N, k] int32, weights [N, k] float32)."""
         c = self.cfg
         N = x.shape[0]
-        scores = jax.nn.sigmoid(jnp.einsum("nd,ed->ne", x.astype(F32), self.weight[...]))  # [N, E]
+        # float32 at full precision on every backend: routing is a discrete choice
+        logits = jnp.einsum("nd,ed->ne", x.astype(F32), self.weight[...], precision=jax.lax.Precision.HIGHEST)
+        scores = jax.nn.sigmoid(logits)  # [N, E]
         choice = scores + self.e_score_correction_bias[...]
         if c.n_group > 1:
             grouped = choice.reshape(N, c.n_group, c.num_experts // c.n_group)
@@ -434,14 +443,15 @@ class NemotronExperts(nnx.Module):
 class NemotronMoE(nnx.Module):
     """Nemotron-H's MoE block: routed ReLU^2 experts (optionally in a latent space) + a shared MLP."""
 
-    def __init__(self, cfg, dtype, rowwise: bool = False):
+    def __init__(self, cfg, dtype, numerics: Numerics):
         d, latent = cfg.hidden_size, cfg.moe_latent_size
         self.gate = NemotronRouter(cfg)
         self.experts = NemotronExperts(cfg, dtype)
-        self.shared_experts = PlainMLP(d, cfg.shared_intermediate_size, cfg.mlp_bias, cfg.mlp_act, dtype, rowwise)
-        self.fc1_latent_proj = Linear(d, latent, cfg.mlp_bias, dtype) if latent else None
-        self.fc2_latent_proj = Linear(latent, d, cfg.mlp_bias, dtype) if latent else None
+        self.shared_experts = PlainMLP(d, cfg.shared_intermediate_size, cfg.mlp_bias, cfg.mlp_act, dtype, numerics)
+        self.fc1_latent_proj = Linear(d, latent, cfg.mlp_bias, dtype, numerics) if latent else None
+        self.fc2_latent_proj = Linear(latent, d, cfg.mlp_bias, dtype, numerics) if latent else None
         self.act, self.E = cfg.mlp_act, cfg.num_experts
+        self.precision = numerics.precision("matmul")
 
     def __call__(self, x):
         lead, d = x.shape[:-1], x.shape[-1]
@@ -451,8 +461,10 @@ class NemotronMoE(nnx.Module):
         up, down = self.experts.up_proj[...], self.experts.down_proj[...]
 
         def expert(xs, e):
-            a = activation(self.act, jnp.einsum("tm,im->ti", xs, up[e], preferred_element_type=F32))
-            return jnp.einsum("ti,mi->tm", a.astype(down.dtype), down[e], preferred_element_type=F32)
+            a = activation(self.act, jnp.einsum("tm,im->ti", xs, up[e], preferred_element_type=F32,
+                                                precision=self.precision))
+            return jnp.einsum("ti,mi->tm", a.astype(down.dtype), down[e], preferred_element_type=F32,
+                              precision=self.precision)
 
         y = routed_experts(h, idx, weights, self.E, expert, h.shape[-1], _expert_tile(x)).astype(x.dtype)
         if self.fc2_latent_proj is not None:

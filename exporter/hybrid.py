@@ -23,6 +23,7 @@ from exporter.blocks import KV_BLOCK, rope_tables
 from exporter.hybrid_config import ATTENTION_KINDS, MAMBA_KINDS, HybridConfig
 from exporter.hybrid_layers import Ctx, build_layers
 from exporter.model import Embedding, Linear, RMSNorm, matvec
+from exporter.numerics import Numerics, reference
 
 F32 = jnp.float32
 
@@ -41,11 +42,11 @@ _LAYOUT = {
 class Trunk(nnx.Module):
     """Embedding, layers, final norm (under the family's names)."""
 
-    def __init__(self, cfg: HybridConfig, dtype, rowwise: bool):
+    def __init__(self, cfg: HybridConfig, dtype, numerics: Numerics):
         _, embed, final = _LAYOUT[cfg.family]
         self.embed_name, self.final_name = embed, final
         setattr(self, embed, Embedding(cfg.vocab_size, cfg.hidden_size, dtype))
-        self.layers = nnx.List(build_layers(cfg, dtype, rowwise))
+        self.layers = nnx.List(build_layers(cfg, dtype, numerics))
         setattr(self, final, RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype))
 
     @property
@@ -64,11 +65,14 @@ class Trunk(nnx.Module):
 class HybridLM(nnx.Module):
     """prefill(state, tokens, lengths), step(tokens, carry, active), loop_carry / state_dict."""
 
-    def __init__(self, cfg: HybridConfig, dtype=F32, rowwise_decode: bool = False):
-        self.cfg, self.dtype, self.rowwise_decode = cfg, dtype, rowwise_decode
+    def __init__(self, cfg: HybridConfig, dtype=F32, numerics: Numerics | None = None):
+        """numerics: per-platform kernel choices (exporter.numerics); default: the reference."""
+        self.cfg, self.dtype = cfg, dtype
+        self.numerics = numerics or reference(cfg.mamba_chunk_size)
         self.trunk_name = _LAYOUT[cfg.family][0]
-        setattr(self, self.trunk_name, Trunk(cfg, dtype, rowwise_decode))
-        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, False, dtype)
+        setattr(self, self.trunk_name, Trunk(cfg, dtype, self.numerics))
+        self.lm_head = (None if cfg.tie_word_embeddings
+                        else Linear(cfg.hidden_size, cfg.vocab_size, False, dtype, self.numerics))
 
     @property
     def trunk(self) -> Trunk:
@@ -78,10 +82,11 @@ class HybridLM(nnx.Module):
         """float32 logits from the residual stream [..., d]."""
         h = self.trunk.final_norm(resid).astype(self.dtype)
         w = (self.trunk.token_embedding.weight if self.lm_head is None else self.lm_head.weight)[...]
-        if self.rowwise_decode and h.ndim == 2:
-            out = matvec(h, w, out_dtype=F32)
+        precision = self.numerics.precision("matmul")
+        if self.numerics.decode_matvec == "rowwise" and h.ndim == 2:
+            out = matvec(h, w, out_dtype=F32, precision=precision)
         else:
-            out = jnp.einsum("...d,vd->...v", h, w, preferred_element_type=F32)
+            out = jnp.einsum("...d,vd->...v", h, w, preferred_element_type=F32, precision=precision)
         if self.cfg.lm_head_multiplier != 1.0:  # Falcon-H1
             out = out * self.cfg.lm_head_multiplier
         return out / self.cfg.logits_scaling if self.cfg.logits_scaling != 1.0 else out

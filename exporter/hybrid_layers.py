@@ -19,7 +19,7 @@ from exporter.blocks import (
 )
 from exporter.hybrid_config import HybridConfig
 from exporter.model import Linear, Mixer, RMSNorm
-from exporter.ssd import ssd_chunked, ssd_step
+from exporter.numerics import Numerics
 
 F32 = jnp.float32
 
@@ -36,44 +36,15 @@ class Ctx(NamedTuple):
 
 
 # ---------------------------------------------------------------------------------------------
-# Mamba-2 layers continuing from a state (an adapter over exporter.model.Mixer's parts)
+# Running a layer's sequence mixers on its own state
 
 
-def mamba_prefill(mixer: Mixer, h, valid, lengths, conv_state, ssm_state):
-    """h [b, t, d] from conv_state [b, K-1, C] and ssm_state [b, H, P, N]: the conv window
-    continues across the seam, padded steps get dt = 0. Returns (out, conv_state, ssm_state)."""
-    K = mixer.cfg.conv_kernel
-    z, xbc, dt = mixer._split(mixer.in_proj(h))
-    t = xbc.shape[1]
-    padded = jnp.concatenate([conv_state.astype(F32), xbc.astype(F32)], axis=1)  # [b, K-1+t, C]
-    taps = mixer.conv1d.taps()  # [K, C]
-    conv = jax.nn.silu(mixer.conv1d.add_bias(sum(padded[:, k:k + t] * taps[k] for k in range(K))))
-    idx = lengths[:, None] + jnp.arange(K - 1)[None, :]  # [b, K-1]: each row's window at its end
-    new_conv = jnp.take_along_axis(padded, idx[:, :, None], axis=1)
-    x, B, C, dt, A = mixer._ssm_inputs(conv, dt)
-    dt = jnp.where(valid[..., None], dt, 0.0)
-    y, ssm_state = ssd_chunked(x, dt, A, B, C, mixer.cfg.chunk_size, initial_state=ssm_state)
-    return mixer._output(y, x, z), new_conv.astype(conv_state.dtype), ssm_state
-
-
-def mamba_step(mixer: Mixer, h, conv_state, ssm_state, active):
-    """One token h [b, d]; inactive rows keep their state exactly (dt = 0, window kept)."""
-    z, xbc, dt = mixer._split(mixer.in_proj(h))
-    window = jnp.concatenate([conv_state.astype(F32), xbc.astype(F32)[:, None]], axis=1)  # [b, K, C]
-    taps = mixer.conv1d.taps()
-    conv = jax.nn.silu(mixer.conv1d.add_bias(sum(window[:, k] * taps[k] for k in range(taps.shape[0]))))
-    x, B, C, dt, A = mixer._ssm_inputs(conv, dt)
-    dt = jnp.where(active[:, None], dt, 0.0)
-    y, ssm_state = ssd_step(ssm_state, x, dt, A, B, C)
-    conv_state = jnp.where(active[:, None, None], window[:, 1:].astype(conv_state.dtype), conv_state)
-    return mixer._output(y, x, z), conv_state, ssm_state
-
-
-def run_mamba(mixer, h, ctx: Ctx, st: tuple, step: bool):
+def run_mamba(mixer: Mixer, h, ctx: Ctx, st: tuple, step: bool):
+    """exporter.model's Mixer continuing from st = (conv [b, K-1, C], ssm [b, H, P, N])."""
     if step:
-        out, conv, ssm = mamba_step(mixer, h, *st, ctx.active)
+        out, conv, ssm = mixer.step(h, *st, ctx.active)
     else:
-        out, conv, ssm = mamba_prefill(mixer, h, ctx.valid, ctx.lengths, *st)
+        out, conv, ssm = mixer(h, ctx.valid, ctx.lengths, *st)
     return out, (conv, ssm)
 
 
@@ -99,29 +70,29 @@ def _run(kind: str, module, h, ctx: Ctx, st: dict, step: bool):
 # Bamba, Granite-4.0-H, Nemotron-H
 
 
-def _sequence_mixer(cfg: HybridConfig, kind: str, dtype, rowwise: bool):
+def _sequence_mixer(cfg: HybridConfig, kind: str, dtype, numerics: Numerics):
     if kind == "mamba":
-        return Mixer(cfg.mixer_config, dtype, rowwise)
+        return Mixer(cfg.mixer_config, dtype, numerics)
     if kind == "attention":
-        return Attention(cfg, dtype, rowwise)
+        return Attention(cfg, dtype, numerics)
     if kind == "mlp":
-        return PlainMLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, cfg.mlp_act, dtype, rowwise)
-    return NemotronMoE(cfg, dtype, rowwise)
+        return PlainMLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, cfg.mlp_act, dtype, numerics)
+    return NemotronMoE(cfg, dtype, numerics)
 
 
 class BambaLayer(nnx.Module):
     """input_layernorm -> mamba | self_attn -> residual; pre_ff_layernorm -> feed_forward -> residual."""
 
-    def __init__(self, cfg: HybridConfig, kind: str, dtype, rowwise: bool):
+    def __init__(self, cfg: HybridConfig, kind: str, dtype, numerics: Numerics):
         d, eps = cfg.hidden_size, cfg.norm_eps
         self.kind, self.dtype = kind, dtype
         self.input_layernorm = RMSNorm(d, eps, dtype)
         if kind == "mamba":
-            self.mamba = _sequence_mixer(cfg, kind, dtype, rowwise)
+            self.mamba = _sequence_mixer(cfg, kind, dtype, numerics)
         else:
-            self.self_attn = _sequence_mixer(cfg, kind, dtype, rowwise)
+            self.self_attn = _sequence_mixer(cfg, kind, dtype, numerics)
         self.pre_ff_layernorm = RMSNorm(d, eps, dtype)
-        self.feed_forward = GatedMLP(d, cfg.intermediate_size, cfg.mlp_bias, "silu", dtype, rowwise)
+        self.feed_forward = GatedMLP(d, cfg.intermediate_size, cfg.mlp_bias, "silu", dtype, numerics)
 
     def __call__(self, resid, ctx: Ctx, st: dict, step: bool):
         mixer = self.mamba if self.kind == "mamba" else self.self_attn
@@ -133,17 +104,17 @@ class BambaLayer(nnx.Module):
 class GraniteLayer(nnx.Module):
     """Bamba's shape with Granite's residual multiplier and a shared_mlp (+ block_sparse_moe)."""
 
-    def __init__(self, cfg: HybridConfig, kind: str, dtype, rowwise: bool):
+    def __init__(self, cfg: HybridConfig, kind: str, dtype, numerics: Numerics):
         d, eps = cfg.hidden_size, cfg.norm_eps
         self.kind, self.dtype, self.multiplier = kind, dtype, cfg.residual_multiplier
         self.input_layernorm = RMSNorm(d, eps, dtype)
         if kind == "mamba":
-            self.mamba = _sequence_mixer(cfg, kind, dtype, rowwise)
+            self.mamba = _sequence_mixer(cfg, kind, dtype, numerics)
         else:
-            self.self_attn = _sequence_mixer(cfg, kind, dtype, rowwise)
+            self.self_attn = _sequence_mixer(cfg, kind, dtype, numerics)
         self.post_attention_layernorm = RMSNorm(d, eps, dtype)
-        self.shared_mlp = FusedGatedMLP(d, cfg.intermediate_size, "silu", dtype, rowwise)
-        self.block_sparse_moe = GraniteMoE(cfg, dtype) if cfg.num_experts else None
+        self.shared_mlp = FusedGatedMLP(d, cfg.intermediate_size, "silu", dtype, numerics)
+        self.block_sparse_moe = GraniteMoE(cfg, dtype, numerics) if cfg.num_experts else None
 
     def __call__(self, resid, ctx: Ctx, st: dict, step: bool):
         mixer = self.mamba if self.kind == "mamba" else self.self_attn
@@ -159,10 +130,10 @@ class GraniteLayer(nnx.Module):
 class NemotronLayer(nnx.Module):
     """norm -> mixer (Mamba-2, attention, MLP or MoE) -> residual."""
 
-    def __init__(self, cfg: HybridConfig, kind: str, dtype, rowwise: bool):
+    def __init__(self, cfg: HybridConfig, kind: str, dtype, numerics: Numerics):
         self.kind, self.dtype = kind, dtype
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype)
-        self.mixer = _sequence_mixer(cfg, kind, dtype, rowwise)
+        self.mixer = _sequence_mixer(cfg, kind, dtype, numerics)
 
     def __call__(self, resid, ctx: Ctx, st: dict, step: bool):
         out, st = _run(self.kind, self.mixer, self.norm(resid).astype(self.dtype), ctx, st, step)
@@ -177,11 +148,11 @@ class FalconMixer(Mixer):
     """Falcon-H1's Mamba-2 mixer: in_proj's output scaled per section by muP multipliers (z, x,
     B, C, dt), an optional gated norm (or y * silu(z)), norm-before-gate, its own out_proj bias."""
 
-    def __init__(self, cfg: HybridConfig, dtype, rowwise: bool = False):
+    def __init__(self, cfg: HybridConfig, dtype, numerics: Numerics):
         m = cfg.mixer_config
-        super().__init__(m, dtype, rowwise)
+        super().__init__(m, dtype, numerics)
         if cfg.mamba_out_proj_bias is not None:
-            self.out_proj = Linear(m.intermediate_size, m.hidden_size, cfg.mamba_out_proj_bias, dtype, rowwise)
+            self.out_proj = Linear(m.intermediate_size, m.hidden_size, cfg.mamba_out_proj_bias, dtype, numerics)
         self.norm = RMSNorm(m.intermediate_size, m.layer_norm_epsilon, dtype, groups=m.n_groups) \
             if cfg.mamba_rms_norm else None
         self.norm_before_gate = cfg.mamba_norm_before_gate
@@ -209,15 +180,15 @@ class FalconLayer(nnx.Module):
     """input_layernorm -> (mamba * ssm_out + self_attn(h * attn_in) * attn_out) -> residual;
     pre_ff_layernorm -> feed_forward (muP multipliers) -> residual."""
 
-    def __init__(self, cfg: HybridConfig, kind: str, dtype, rowwise: bool):
+    def __init__(self, cfg: HybridConfig, kind: str, dtype, numerics: Numerics):
         d, eps = cfg.hidden_size, cfg.norm_eps
         self.kind, self.dtype, self.cfg = kind, dtype, cfg
         self.input_layernorm = RMSNorm(d, eps, dtype)
-        self.mamba = FalconMixer(cfg, dtype, rowwise)
-        self.self_attn = Attention(cfg, dtype, rowwise)
+        self.mamba = FalconMixer(cfg, dtype, numerics)
+        self.self_attn = Attention(cfg, dtype, numerics)
         self.pre_ff_layernorm = RMSNorm(d, eps, dtype)
         gate_m, down_m = cfg.mlp_multipliers
-        self.feed_forward = GatedMLP(d, cfg.intermediate_size, cfg.mlp_bias, "silu", dtype, rowwise,
+        self.feed_forward = GatedMLP(d, cfg.intermediate_size, cfg.mlp_bias, "silu", dtype, numerics,
                                      gate_multiplier=gate_m, down_multiplier=down_m)
 
     def __call__(self, resid, ctx: Ctx, st: dict, step: bool):
@@ -238,13 +209,13 @@ class FalconLayer(nnx.Module):
 class MambaSSMLayer(nnx.Module):
     """norm -> mixer (Mamba2 or MHA) -> residual; with d_intermediate: norm2 -> mlp -> residual."""
 
-    def __init__(self, cfg: HybridConfig, kind: str, dtype, rowwise: bool):
+    def __init__(self, cfg: HybridConfig, kind: str, dtype, numerics: Numerics):
         d, eps = cfg.hidden_size, cfg.norm_eps
         self.kind, self.dtype = kind, dtype
         self.norm = RMSNorm(d, eps, dtype)
-        self.mixer = Mixer(cfg.mixer_config, dtype, rowwise) if kind == "mamba" else MambaSSMAttention(cfg, dtype, rowwise)
+        self.mixer = Mixer(cfg.mixer_config, dtype, numerics) if kind == "mamba" else MambaSSMAttention(cfg, dtype, numerics)
         self.norm2 = RMSNorm(d, eps, dtype) if cfg.intermediate_size else None
-        self.mlp = MambaSSMMLP(d, cfg.intermediate_size, dtype, rowwise) if cfg.intermediate_size else None
+        self.mlp = MambaSSMMLP(d, cfg.intermediate_size, dtype, numerics) if cfg.intermediate_size else None
 
     def __call__(self, resid, ctx: Ctx, st: dict, step: bool):
         h = self.norm(resid).astype(self.dtype)
@@ -268,11 +239,11 @@ LAYER_CLASSES = {
 }
 
 
-def build_layers(cfg: HybridConfig, dtype, rowwise: bool) -> list:
+def build_layers(cfg: HybridConfig, dtype, numerics: Numerics) -> list:
     """The model's layers, one per entry of cfg.layer_types."""
     if cfg.family == "zamba2":
         from exporter.zamba2 import build_layers as zamba2_layers  # it builds on this module
 
-        return zamba2_layers(cfg, dtype, rowwise)
+        return zamba2_layers(cfg, dtype, numerics)
     cls = LAYER_CLASSES[cfg.family]
-    return [cls(cfg, kind, dtype, rowwise) for kind in cfg.layer_types]
+    return [cls(cfg, kind, dtype, numerics) for kind in cfg.layer_types]

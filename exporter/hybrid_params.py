@@ -17,6 +17,7 @@ from flax import nnx
 
 from exporter.hybrid import HybridLM
 from exporter.hybrid_config import HybridConfig
+from exporter.numerics import Numerics
 from exporter.params import _name, merge_flat
 
 # HybridConfig fields a checkpoint's config.json must agree with, under their HF names, per family.
@@ -50,8 +51,8 @@ _MATCH = {
 
 
 @functools.lru_cache(maxsize=None)
-def _abstract(cfg: HybridConfig, dtype_name: str, rowwise_decode: bool = False):
-    model = nnx.eval_shape(lambda: HybridLM(cfg, jnp.dtype(dtype_name), rowwise_decode))
+def _abstract(cfg: HybridConfig, dtype_name: str, numerics: Numerics | None = None):
+    model = nnx.eval_shape(lambda: HybridLM(cfg, jnp.dtype(dtype_name), numerics))
     return nnx.split(model)
 
 
@@ -65,9 +66,10 @@ def param_shapes(cfg: HybridConfig, dtype=jnp.float32) -> dict[str, jax.ShapeDty
     return out
 
 
-def bind(cfg: HybridConfig, params: dict, dtype=jnp.float32, rowwise_decode: bool = False) -> HybridLM:
-    """An nnx HybridLM over `params` (traceable: call inside jit/export)."""
-    graphdef, state = _abstract(cfg, jnp.dtype(dtype).name, rowwise_decode)
+def bind(cfg: HybridConfig, params: dict, dtype=jnp.float32, numerics: Numerics | None = None) -> HybridLM:
+    """An nnx HybridLM over `params` (traceable: call inside jit/export); numerics: the platform's
+    kernel choices (exporter.numerics.for_platform), default the reference ones."""
+    graphdef, state = _abstract(cfg, jnp.dtype(dtype).name, numerics)
     return merge_flat(graphdef, state, params)
 
 
