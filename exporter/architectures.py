@@ -1,7 +1,11 @@
 """The model architectures an artifact can hold, and what the exporter needs from each: how to
 bind weights to a live model (which follows the decode loop's protocol), parameter and state
-shapes, the weight specification, the manifest's model section, per-platform kernel choices and
-tensor-parallel layouts. The runtime never sees this: it reads what the exporter wrote.
+shapes, the weight specification, the manifest's model section, the SSD chunk the platform
+numerics start from, a prefill memory bound and tensor-parallel layouts. The runtime never sees
+this: it reads what the exporter wrote.
+
+`context` below is the artifact's limits.max_context: the tokens one sequence may hold (None for
+Mamba-2, whose state does not grow); hybrids size their KV caches by it.
 """
 
 from __future__ import annotations
@@ -16,19 +20,17 @@ import jax.numpy as jnp
 from exporter.config import ConfigError, Mamba2Config
 from exporter.hybrid_config import HybridConfig
 
-# SSD chunk on CPU (exporter.functions.CPU_CHUNK's measurement holds for every Mamba-2 layer).
-CPU_CHUNK = 128
-
 
 @dataclasses.dataclass(frozen=True)
 class Architecture:
     name: str  # the manifest's model.architecture
-    bind: Callable[..., Any]  # (cfg, params, dtype, rowwise_decode) -> live model
+    bind: Callable[..., Any]  # (cfg, params, dtype, numerics) -> live model
     param_shapes: Callable[..., dict]  # (cfg, dtype) -> {name: ShapeDtypeStruct}
     state_shapes: Callable[..., dict]  # (cfg, batch, dtype, context) -> {leaf: ShapeDtypeStruct}
     weight_spec: Callable[..., dict]  # (cfg, dtype) -> the manifest's weight specification
     describe: Callable[..., dict]  # (cfg, dtype, context) -> the manifest's model section
-    for_platform: Callable[..., Any]  # (cfg, platform) -> cfg with that platform's kernel choices
+    chunk_size: Callable[..., int]  # cfg -> the model's SSD chunk (exporter.numerics.for_platform)
+    prefill_bytes: Callable[..., int]  # (cfg, dtype, tokens, chunk, batch, context) -> temporaries bound
     sharding_plan: Callable[..., Any]  # (cfg, devices, dtype, context) -> exporter.sharding.ShardingPlan
 
 
@@ -36,29 +38,23 @@ class Architecture:
 # Mamba-2
 
 
-def _mamba2_state(cfg, batch, dtype, context):
-    from exporter.cache import cache_shapes
+def _mamba2_state(cfg, batch, dtype, context=None):
+    from exporter.state import state_shapes
 
-    return cache_shapes(cfg, batch, dtype)
-
-
-def _mamba2_describe(cfg: Mamba2Config, dtype, context) -> dict:
-    shapes = _mamba2_state(cfg, 1, dtype, context)
-    fixed = sum(s.size * jnp.dtype(s.dtype).itemsize for s in shapes.values())
-    return {"architecture": "mamba2", "state": {"bytes_fixed": fixed, "bytes_per_token": 0,
-                                                "bytes_per_sequence": fixed}, "config": cfg.to_dict()}
+    return state_shapes(cfg, batch, dtype)
 
 
-def _mamba2_for_platform(cfg: Mamba2Config, platform: str) -> Mamba2Config:
-    if platform == "cpu" and cfg.chunk_size > CPU_CHUNK:
-        return dataclasses.replace(cfg, chunk_size=CPU_CHUNK)
-    return cfg
+def _mamba2_describe(cfg: Mamba2Config, dtype, context=None) -> dict:
+    from exporter.state import state_bytes
+
+    return {"architecture": "mamba2", "config": cfg.to_dict(),
+            "state": {"bytes_per_sequence": state_bytes(cfg, dtype), "grows_with_length": False}}
 
 
-def _mamba2_bind(cfg, params, dtype, rowwise_decode=False):
+def _mamba2_bind(cfg, params, dtype, numerics=None):
     from exporter.params import bind
 
-    return bind(cfg, params, dtype, rowwise_decode=rowwise_decode)
+    return bind(cfg, params, dtype, numerics)
 
 
 def _mamba2_params(cfg, dtype=jnp.float32):
@@ -73,43 +69,52 @@ def _mamba2_spec(cfg, dtype=jnp.float32):
     return weight_spec(cfg, dtype)
 
 
-def _mamba2_plan(cfg, devices, dtype, context):
+def _mamba2_prefill_bytes(cfg, dtype, tokens, chunk, batch, context=None):
+    from exporter.memory import prefill_activation_bytes
+
+    return prefill_activation_bytes(cfg, dtype, tokens, chunk, batch)
+
+
+def _mamba2_plan(cfg, devices, dtype, context=None):
     from exporter.sharding import plan
 
     return plan(cfg, devices, dtype)
 
 
 MAMBA2 = Architecture("mamba2", _mamba2_bind, _mamba2_params, _mamba2_state, _mamba2_spec, _mamba2_describe,
-                      _mamba2_for_platform, _mamba2_plan)
+                      lambda cfg: cfg.chunk_size, _mamba2_prefill_bytes, _mamba2_plan)
 
 
 # ---------------------------------------------------------------------------------------------
 # Hybrids (exporter.hybrid): the KV capacity holds the artifact's longest context
 
 
-def _hybrid_state(cfg: HybridConfig, batch, dtype, context: int):
-    from exporter.hybrid import kv_capacity, state_shapes
+def _capacity(context) -> int:
+    from exporter.hybrid import kv_capacity
 
-    return state_shapes(cfg, batch, dtype, kv_capacity(context))
+    if context is None:
+        raise ValueError("a hybrid model needs limits.max_context (its KV caches' capacity)")
+    return kv_capacity(context)
 
 
-def _hybrid_describe(cfg: HybridConfig, dtype, context: int) -> dict:
-    from exporter.hybrid import kv_capacity, state_summary
+def _hybrid_state(cfg: HybridConfig, batch, dtype, context):
+    from exporter.hybrid import state_shapes
+
+    return state_shapes(cfg, batch, dtype, _capacity(context))
+
+
+def _hybrid_describe(cfg: HybridConfig, dtype, context) -> dict:
+    from exporter.hybrid import state_summary
 
     return {"architecture": "hybrid", "family": cfg.family,
-            "state": state_summary(cfg, dtype, kv_capacity(context)), "config": cfg.to_dict()}
+            "state": {**state_summary(cfg, dtype, _capacity(context)), "grows_with_length": True},
+            "config": cfg.to_dict()}
 
 
-def _hybrid_for_platform(cfg: HybridConfig, platform: str) -> HybridConfig:
-    if platform == "cpu" and cfg.mamba_chunk_size > CPU_CHUNK:
-        return dataclasses.replace(cfg, mamba_chunk_size=CPU_CHUNK)
-    return cfg
-
-
-def _hybrid_bind(cfg, params, dtype, rowwise_decode=False):
+def _hybrid_bind(cfg, params, dtype, numerics=None):
     from exporter.hybrid_params import bind
 
-    return bind(cfg, params, dtype, rowwise_decode=rowwise_decode)
+    return bind(cfg, params, dtype, numerics)
 
 
 def _hybrid_params(cfg, dtype=jnp.float32):
@@ -124,17 +129,35 @@ def _hybrid_spec(cfg, dtype=jnp.float32):
     return weight_spec(cfg, dtype)
 
 
+def _hybrid_prefill_bytes(cfg, dtype, tokens, chunk, batch, context):
+    from exporter.hybrid_memory import prefill_activation_bytes
+
+    return prefill_activation_bytes(cfg, dtype, tokens, chunk, batch, _capacity(context))
+
+
 def _hybrid_plan(cfg, devices, dtype, context):
-    from exporter.hybrid import kv_capacity
     from exporter.hybrid_sharding import plan
 
-    return plan(cfg, devices, dtype, kv_capacity(context))
+    return plan(cfg, devices, dtype, _capacity(context))
 
 
 HYBRID = Architecture("hybrid", _hybrid_bind, _hybrid_params, _hybrid_state, _hybrid_spec, _hybrid_describe,
-                      _hybrid_for_platform, _hybrid_plan)
+                      lambda cfg: cfg.mamba_chunk_size, _hybrid_prefill_bytes, _hybrid_plan)
 
 REGISTRY = {"mamba2": MAMBA2, "hybrid": HYBRID}
+# A hybrid exported without --max-context holds this many tokens per sequence (prompt + new).
+DEFAULT_HYBRID_CONTEXT = 8192
+
+
+def context_limit(cfg, requested: int | None) -> int | None:
+    """limits.max_context for an export: a hybrid's KV capacity (the request, default
+    DEFAULT_HYBRID_CONTEXT, rounded up to whole attention key blocks); Mamba-2 keeps the request
+    (None: unbounded, its state does not grow)."""
+    if not isinstance(cfg, HybridConfig):
+        return requested
+    from exporter.hybrid import kv_capacity
+
+    return kv_capacity(DEFAULT_HYBRID_CONTEXT if requested is None else requested)
 
 
 def architecture(cfg) -> Architecture:

@@ -18,10 +18,7 @@ from runtime.tools.writers import write_manifest
 
 from exporter.functions import SEMANTICS_VERSION, ModelFunctions
 from exporter.lowering import FUNCTIONS, export_all, serialization_version, signature
-from exporter.memory import prefill_activation_bytes
 from exporter.numerics import for_platform
-from exporter.params import weight_spec
-from exporter.state import state_bytes
 
 FILE_SUFFIX = ".jaxexport"
 PREFILL_SEGMENT = 2048  # the largest prompt bucket: longer prompts are prefilled in segments
@@ -52,9 +49,9 @@ def compatibility_window(now: dt.datetime) -> dict:
 
 def build_manifest(fns: ModelFunctions, platforms, files: dict[str, dict], now: dt.datetime,
                    calling_convention: int, prefill_segment: int = PREFILL_SEGMENT) -> dict:
-    cfg, limits = fns.cfg, fns.limits
+    cfg, limits, arch = fns.cfg, fns.limits, fns.arch
     segment = min(prefill_segment, limits.max_prompt_tokens, limits.max_prefill_tokens)
-    numerics = {p: for_platform(p, cfg.chunk_size, fns.dtype).to_dict() for p in platforms}
+    numerics = {p: for_platform(p, arch.chunk_size(cfg), fns.dtype).to_dict() for p in platforms}
     return {
         "format": FORMAT_NAME,
         "schema_version": SCHEMA_VERSION,
@@ -69,16 +66,12 @@ def build_manifest(fns: ModelFunctions, platforms, files: dict[str, dict], now: 
         "compatibility": compatibility_window(now),
         "platforms": list(platforms),
         "dtype": jnp.dtype(fns.dtype).name,
-        "model": {
-            "architecture": "mamba2", "config": cfg.to_dict(),
-            "state": {"bytes_per_sequence": state_bytes(cfg, fns.dtype), "grows_with_length": False},
-            "numerics": numerics,
-        },
+        "model": {**arch.describe(cfg, fns.dtype, limits.max_context), "numerics": numerics},
         "tokens": {"bos_id": cfg.bos_token_id, "eos_id": cfg.eos_token_id, "pad_id": cfg.pad_token_id},
         "limits": {**limits.to_dict(), "vocab_size": cfg.vocab_size},
         "memory": {"prefill_activation_bytes": max(
-            prefill_activation_bytes(cfg, fns.dtype, limits.max_prefill_tokens, n["chunk_size"],
-                                     limits.max_batch) for n in numerics.values())},
+            arch.prefill_bytes(cfg, fns.dtype, limits.max_prefill_tokens, n["chunk_size"], limits.max_batch,
+                               limits.max_context) for n in numerics.values())},
         "buckets": {
             "prompt": _pow2_buckets(min(16, segment), segment),
             "batch": _pow2_buckets(1, limits.max_batch),
@@ -88,7 +81,7 @@ def build_manifest(fns: ModelFunctions, platforms, files: dict[str, dict], now: 
                    "files": {p: _rel(p, name) for p in platforms}}
             for name in FUNCTIONS
         },
-        "weights": weight_spec(cfg, fns.dtype),
+        "weights": arch.weight_spec(cfg, fns.dtype),
         "mesh": _mesh_record(fns),
         "files": files,
     }
@@ -98,9 +91,7 @@ def _mesh_record(fns: ModelFunctions) -> dict | None:
     """None for one device; else the mesh and every weight's and cache array's PartitionSpec."""
     if fns.devices == 1:
         return None
-    from exporter.sharding import plan
-
-    return plan(fns.cfg, fns.devices, fns.dtype).manifest_record()
+    return fns.arch.sharding_plan(fns.cfg, fns.devices, fns.dtype, fns.limits.max_context).manifest_record()
 
 
 def _rel(platform: str, name: str) -> str:

@@ -11,8 +11,9 @@ from runtime.errors import ExportError
 
 from runtime.format.manifest import PLATFORMS, Limits
 
+from exporter.architectures import context_limit, load_model_config
 from exporter.artifact import PREFILL_SEGMENT
-from exporter.config import ConfigError, load_config
+from exporter.config import ConfigError
 from exporter.functions import ModelFunctions
 from exporter.lowering import resolve_dtype
 
@@ -25,7 +26,8 @@ def _positive(ctx, param, value):
 
 @click.command("export")
 @click.option("--model", "model", required=True,
-              help="Preset (130m, 370m, 780m, 1.3b, 2.7b), a HF checkpoint directory or its config.json.")
+              help="Preset (130m ... 2.7b, or a hybrid: bamba-9b, granite-4.0-h-tiny, ...), a checkpoint "
+                   "directory or its config.json.")
 @click.option("--platform", "platforms", multiple=True, type=click.Choice(PLATFORMS), default=("cpu",),
               show_default=True, help="Target backend; repeat for several.")
 @click.option("--out", type=click.Path(path_type=Path), help="Artifact directory [default: artifacts/<model>].")
@@ -51,24 +53,29 @@ def _positive(ctx, param, value):
 @click.option("--prefill-segment", default=PREFILL_SEGMENT, show_default=True, callback=_positive, type=int,
               help="The longest prefill call for one row (the largest prompt bucket).")
 @click.option("--max-stop-tokens", default=Limits.max_stop_tokens, show_default=True, callback=_positive, type=int)
+@click.option("--max-context", default=None, callback=_positive, type=int,
+              help="Tokens one sequence may hold (state + prompt + new). Hybrids (attention layers) size "
+                   "their KV caches by it [default: 8192, rounded up to 256-token blocks]; Mamba-2 "
+                   "[default: unbounded].")
 @click.option("--devices", default=1, show_default=True, callback=_positive, type=int,
               help="Tensor-parallel over this many devices (mesh axis 'model'); the runtime needs exactly as many.")
 @click.option("--force", is_flag=True, help="Replace an existing artifact.")
 def export_command(model, platforms, out, dtype, fmt, weights, sm_version, max_new_tokens, decode_block,
                    max_batch, max_prompt_tokens, max_prefill_tokens, prefill_segment, max_stop_tokens,
-                   devices, force):
+                   max_context, devices, force):
     """Lower prefill and the on-device decode loop to jax.export artifacts (no weights needed)."""
     from exporter.artifact import write_artifact
 
     try:
-        cfg = load_config(model)
+        cfg = load_model_config(model)
     except ConfigError as e:
         raise ExportError(str(e)) from None
     platforms = tuple(dict.fromkeys(platforms))
     dt = resolve_dtype(dtype, platforms)
     limits = Limits(vocab_size=cfg.vocab_size, max_batch=max_batch, max_prompt_tokens=max_prompt_tokens,
                     max_new_tokens=max_new_tokens, max_stop_tokens=max_stop_tokens,
-                    decode_block=min(decode_block, max_new_tokens), max_prefill_tokens=max_prefill_tokens)
+                    decode_block=min(decode_block, max_new_tokens), max_prefill_tokens=max_prefill_tokens,
+                    max_context=context_limit(cfg, max_context))
     if fmt == "savedmodel":
         from exporter.savedmodel import export_savedmodel
 
@@ -83,13 +90,20 @@ def export_command(model, platforms, out, dtype, fmt, weights, sm_version, max_n
     if weights is not None:
         raise ExportError("--weights is for --format savedmodel: jax artifacts take weights at run time")
     out = out or Path("artifacts") / cfg.name
+    fns = ModelFunctions(cfg, dt, limits, devices)
     click.echo(f"exporting {cfg.name} ({cfg.num_hidden_layers} layers, d_model {cfg.hidden_size}) "
                f"as {dt.name} for {', '.join(platforms)} -> {out}")
+    state = fns.arch.describe(cfg, dt, limits.max_context)["state"]
+    if state.get("grows_with_length"):
+        click.echo(f"  {cfg.family}: {state['layers']['mamba']} Mamba-2 + {state['layers']['attention']} attention "
+                   f"layers; context {limits.max_context} tokens: {state['bytes_per_sequence'] / 2**20:.1f} MiB of "
+                   f"state per sequence ({state['bytes_fixed'] / 2**20:.1f} MiB fixed + "
+                   f"{state['bytes_per_token'] / 1024:.1f} KiB per token)")
     if devices > 1:
-        from exporter.sharding import fallback_summary, plan
+        from exporter.sharding import fallback_summary
 
         click.echo(f"  tensor parallel over {devices} devices (mesh model={devices})")
-        for line in fallback_summary(plan(cfg, devices, dt)):
+        for line in fallback_summary(fns.arch.sharding_plan(cfg, devices, dt, limits.max_context)):
             click.echo(f"  replicated instead: {line}")
     rows = []
 
@@ -98,8 +112,7 @@ def export_command(model, platforms, out, dtype, fmt, weights, sm_version, max_n
         click.echo(f"  [{platform}] {name:<8} {size / 1e3:9.1f} kB  {seconds:6.2f} s")
 
     t0 = time.perf_counter()
-    manifest = write_artifact(ModelFunctions(cfg, dt, limits, devices), platforms, out, force, progress,
-                              prefill_segment)
+    manifest = write_artifact(fns, platforms, out, force, progress, prefill_segment)
     total = sum(r["bytes"] for r in manifest["files"].values())
     click.echo(f"wrote {len(manifest['files'])} files + manifest.json, {total / 1e6:.2f} MB, "
                f"in {time.perf_counter() - t0:.1f} s: {out}")

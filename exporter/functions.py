@@ -18,12 +18,12 @@ import jax.numpy as jnp
 
 from runtime.format.manifest import Limits
 
+from exporter.architectures import Architecture, architecture
 from exporter.config import Mamba2Config
 from exporter.decode_loop import Sampling, decode_loop
+from exporter.hybrid_config import HybridConfig
 from exporter.numerics import Numerics, for_platform
-from exporter.params import bind, param_shapes
 from exporter.sampling import TOP_K_CAP
-from exporter.state import state_shapes
 
 SEMANTICS_VERSION = 2
 
@@ -32,7 +32,7 @@ SEMANTICS_VERSION = 2
 class ModelFunctions:
     """The functions for one model, dtype, limits and target platform (which picks kernels)."""
 
-    cfg: Mamba2Config
+    cfg: Mamba2Config | HybridConfig  # the architecture follows from its type (exporter.architectures)
     dtype: jnp.dtype
     limits: Limits
     devices: int = 1  # > 1: tensor-parallel over a ("model", devices) mesh (exporter.sharding)
@@ -40,12 +40,16 @@ class ModelFunctions:
     top_k_cap: int = TOP_K_CAP  # 0: every top-k sorts (for consumers without lax.top_k's composite)
 
     @property
+    def arch(self) -> Architecture:
+        return architecture(self.cfg)
+
+    @property
     def numerics(self) -> Numerics:
-        return for_platform(self.platform, self.cfg.chunk_size, self.dtype)
+        return for_platform(self.platform, self.arch.chunk_size(self.cfg), self.dtype)
 
     def model(self, params):
         """The nnx model over `params`, with this platform's numerics (same math everywhere)."""
-        return bind(self.cfg, params, self.dtype, self.numerics)
+        return self.arch.bind(self.cfg, params, self.dtype, self.numerics)
 
     def prefill(self, params, state, tokens, lengths):
         return self.model(params).prefill(state, tokens, lengths)
@@ -71,10 +75,15 @@ class ModelFunctions:
                 _sds((b,), f32), _sds((b,), i32), _sds((b,), f32), _sds((b,), f32), _sds((b, S), i32))
 
     def param_specs(self):
-        return param_shapes(self.cfg, self.dtype)
+        return self.arch.param_shapes(self.cfg, self.dtype)
 
     def state_specs(self, b):
-        return state_shapes(self.cfg, b, self.dtype)
+        """The state's leaves; attention KV caches hold limits.max_context tokens."""
+        return self.arch.state_shapes(self.cfg, b, self.dtype, self.limits.max_context)
+
+    def empty_state(self, b):
+        """`b` fresh sequences (all zeros); `b` may be symbolic inside a trace."""
+        return {k: jnp.zeros(s.shape, s.dtype) for k, s in self.state_specs(b).items()}
 
 
 ARG_NAMES = {

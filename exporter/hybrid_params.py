@@ -129,20 +129,10 @@ def count_params(cfg: HybridConfig) -> int:
     return sum(math.prod(s.shape) for s in param_shapes(cfg).values())
 
 
-def load_params(cfg: HybridConfig, weights: str | None, dtype=jnp.float32, seed: int = 0) -> dict:
-    """{name: jax array}: from a checkpoint through the runtime's reader, or seeded random."""
-    # the runtime's readers, through exporter.loading (which follows the runtime's layout)
-    from exporter.loading import load_weights, parse_weight_spec, random_weights
-
-    spec = parse_weight_spec(weight_spec(cfg, dtype))
-    arrays = random_weights(spec, seed) if weights is None else load_weights(weights, spec)
-    return {k: jnp.asarray(v) for k, v in arrays.items()}
-
-
 def load_hybrid(model: str, weights: str | None = None, dtype=jnp.float32, seed: int = 0):
     """(config, live HybridLM) from a preset or checkpoint dir (weights default to the dir)."""
     from exporter.hybrid_config import load_hybrid_config
-    from exporter.loading import checkpoint_dir
+    from exporter.loading import checkpoint_dir, load_params
 
     cfg = load_hybrid_config(model)
     params = load_params(cfg, weights if weights is not None else checkpoint_dir(model), dtype, seed)

@@ -39,9 +39,10 @@ def export_one(fns: ModelFunctions, name: str, platform: str) -> jax.export.Expo
     fn: Callable = getattr(fns, name)
     args = getattr(fns, f"{name}_args")()
     if fns.devices > 1:  # tensor parallel: GSPMD partitions per exporter.sharding's specs
-        from exporter.sharding import function_shardings, plan
+        from exporter.sharding import function_shardings
 
-        ins, outs = function_shardings(plan(fns.cfg, fns.devices, fns.dtype), name)
+        plan = fns.arch.sharding_plan(fns.cfg, fns.devices, fns.dtype, fns.limits.max_context)
+        ins, outs = function_shardings(plan, name)
         return jax.export.export(jax.jit(fn, in_shardings=ins, out_shardings=outs),
                                  platforms=(platform,))(*args)
     # One device: the module is flattened (start-up cost of shape refinement, exporter.flatten).

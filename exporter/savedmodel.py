@@ -21,8 +21,9 @@ Signatures (every input is required; scalars are rank-0 tensors):
       mod 2**32], as jax builds it from a 64-bit seed), computed inside the graph exactly like
       `runtime.engine.rng.row_keys(seed, rows)`, so TF-only callers get the runtime's tokens.
   prefill: tokens int32[b, t], lengths int32[b]
-      -> logits f32[b, V] (next-token logits after each prompt), cache_conv [L, b, K-1, C]
-         (model dtype), cache_ssm f32[L, b, H, P, N]: the recurrent cache after the prompt.
+      -> logits f32[b, V] (next-token logits after each prompt) and the state after the prompt,
+         one output per leaf: cache_conv [L, b, K-1, C] (model dtype), cache_ssm f32[L, b, H, P, N]
+         (a hybrid model adds its own leaves: cache_k, cache_v, cache_pos, ...).
 
 Inputs are checked in the graph (TF Serving answers a bad request with INVALID_ARGUMENT): token
 ids inside each row's length in [0, V) (the padded tail is ignored, whatever it holds), lengths in [1, t], max_new_tokens in [1, N] and the
@@ -44,11 +45,8 @@ from runtime.errors import ExportError, Mamba2AOTError
 
 from runtime.format.manifest import Limits
 
-from exporter.config import Mamba2Config
 from exporter.functions import ModelFunctions
-from exporter.params import param_shapes
 from exporter.sampling import RNG_IMPL
-from exporter.state import empty_state, stack_layers
 
 SIGNATURES = ("serving_default", "generate", "sample", "prefill")
 GENERATE_INPUTS = ("tokens", "lengths", "max_new_tokens")
@@ -76,7 +74,7 @@ def generate_fn(fns: ModelFunctions):
 
     def run(params, tokens, lengths, max_new_tokens, temperature, top_k, top_p, min_p, seed_hi, seed_lo):
         b = tokens.shape[0]
-        logits, state = fns.prefill(params, empty_state(cfg, b, fns.dtype), tokens, lengths)
+        logits, state = fns.prefill(params, fns.empty_state(b), tokens, lengths)
         # == runtime.engine.rng.row_keys: row i's key is fold_in(key(seed), i)
         base = jax.random.wrap_key_data(jnp.stack([seed_hi, seed_lo]), impl=RNG_IMPL)
         keys = jax.vmap(lambda row: jax.random.key_data(jax.random.fold_in(base, row)))(
@@ -97,18 +95,28 @@ def generate_fn(fns: ModelFunctions):
 
 def prefill_fn(fns: ModelFunctions):
     def run(params, tokens, lengths):
-        logits, state = fns.prefill(params, empty_state(fns.cfg, tokens.shape[0], fns.dtype), tokens, lengths)
-        stacked = stack_layers(state)  # one [L, b, ...] array per kind for TF callers
-        return {"logits": logits, "cache_conv": stacked["conv"], "cache_ssm": stacked["ssm"]}
+        logits, state = fns.prefill(params, fns.empty_state(tokens.shape[0]), tokens, lengths)
+        return {"logits": logits, **{f"cache_{k}": v for k, v in stack_by_kind(state).items()}}
 
     return run
 
 
+def stack_by_kind(state: dict) -> dict:
+    """One array per kind for TF callers: the per-layer leaves "kind.i" stacked on a new axis 0
+    in layer order ([L, b, ...]); a leaf without a layer index ("pos") as it is."""
+    kinds: dict[str, list] = {}
+    for key, value in state.items():
+        kind, _, layer = key.partition(".")
+        kinds.setdefault(kind, []).append((int(layer) if layer else -1, value))
+    return {kind: (leaves[0][1] if leaves[0][0] < 0 else jnp.stack([v for _, v in sorted(leaves, key=lambda x: x[0])]))
+            for kind, leaves in kinds.items()}
+
+
 # -- the TF module -----------------------------------------------------------------------------
 
-def _variables(tf, cfg: Mamba2Config, params: Mapping, dtype) -> dict:
+def _variables(tf, fns: ModelFunctions, params: Mapping) -> dict:
     """{HF name: tf.Variable} in param_shapes order, checked against the model's shapes."""
-    shapes = param_shapes(cfg, dtype)
+    shapes = fns.param_specs()
     missing = [k for k in shapes if k not in params]
     extra = [k for k in params if k not in shapes]
     if missing or extra:
@@ -126,8 +134,7 @@ def _variables(tf, cfg: Mamba2Config, params: Mapping, dtype) -> dict:
     return out
 
 
-def _checks(tf, cfg: Mamba2Config, limits: Limits, tokens, lengths, max_new_tokens=None,
-            sampling=None) -> list:
+def _checks(tf, cfg, limits: Limits, tokens, lengths, max_new_tokens=None, sampling=None) -> list:
     """In-graph request validation, mirroring runtime.engine.requests (one-line messages)."""
     dbg = tf.debugging
     t = tf.shape(tokens)[1]
@@ -145,6 +152,11 @@ def _checks(tf, cfg: Mamba2Config, limits: Limits, tokens, lengths, max_new_toke
         cap = limits.decode_block
         ops.append(dbg.Assert((max_new_tokens >= 1) & (max_new_tokens <= cap),
                               [f"max_new_tokens must be in [1, {cap}] (the export's cap)"]))
+    if limits.max_context is not None:  # attention KV caches hold max_context tokens
+        ctx = limits.max_context
+        total = tf.reduce_max(lengths) + (0 if max_new_tokens is None else max_new_tokens)
+        ops.append(dbg.Assert(total <= ctx, [f"prompt + max_new_tokens must be at most {ctx} tokens "
+                                             "(the export's max_context)"]))
     if sampling is not None:
         temperature, top_k, top_p, min_p, seed = sampling
         ops += [
@@ -158,7 +170,7 @@ def _checks(tf, cfg: Mamba2Config, limits: Limits, tokens, lengths, max_new_toke
     return ops
 
 
-def build_module(cfg: Mamba2Config, params: Mapping, dtype, limits: Limits,
+def build_module(cfg, params: Mapping, dtype, limits: Limits,
                  platforms=("cpu",), progress: Callable[[str, float], None] | None = None):
     """(tf.Module holding the weights as variables, {signature name: concrete function})."""
     tf, jax2tf = _import_tf()
@@ -170,7 +182,7 @@ def build_module(cfg: Mamba2Config, params: Mapping, dtype, limits: Limits,
     pre_jax = jax2tf.convert(prefill_fn(fns), polymorphic_shapes=batch, **convert)
 
     module = tf.Module()
-    module.params = _variables(tf, cfg, params, dtype)
+    module.params = _variables(tf, fns, params)
     i32, f32 = tf.int32, tf.float32
     spec = tf.TensorSpec
     toks, lens = spec([None, None], i32, name="tokens"), spec([None], i32, name="lengths")
@@ -233,7 +245,7 @@ def _chmod_like_mkdir(path: Path) -> None:
     os.chmod(path, 0o777 & ~umask)
 
 
-def write_savedmodel(cfg: Mamba2Config, params: Mapping, out_dir: Path, version: int, dtype,
+def write_savedmodel(cfg, params: Mapping, out_dir: Path, version: int, dtype,
                      limits: Limits, force: bool,
                      progress: Callable[[str, float], None] | None = None,
                      platforms=("cpu",)) -> Path:
@@ -276,17 +288,18 @@ def export_savedmodel(model: str, weights: str | None, out: Path, version: int, 
     through `echo`; raises ExportError with a one-line message on bad input. Returns
     `out/<version>`.
     """
-    from exporter.config import ConfigError, load_config
+    from exporter.architectures import context_limit, load_model_config
+    from exporter.config import ConfigError
     from exporter.loading import load_params
 
     t_start = time.perf_counter()
     version = _check_version(version)
     platforms = tuple(dict.fromkeys(platforms))
     try:
-        cfg = load_config(model)
+        cfg = load_model_config(model)
     except ConfigError as e:
         raise ExportError(str(e)) from None
-    limits = limits or Limits(vocab_size=cfg.vocab_size, decode_block=256)
+    limits = limits or Limits(vocab_size=cfg.vocab_size, decode_block=256, max_context=context_limit(cfg, None))
     from exporter.lowering import resolve_dtype
 
     dt = resolve_dtype(dtype, platforms)

@@ -11,7 +11,7 @@ import numpy as np
 from runtime.engine.model import LoadedModel
 from runtime.engine.requests import RowSettings, check_stop_ids, pad_batch
 
-from exporter.config import Mamba2Config
+from exporter.architectures import config_from_manifest
 from exporter.functions import ModelFunctions
 
 # Max relative difference allowed (max |a - b| / max |b|): compiled and live run the same HLO,
@@ -43,8 +43,7 @@ def live_functions(loaded: LoadedModel) -> ModelFunctions:
         from runtime.errors import ArtifactError
 
         raise ArtifactError("verify compares semantics-2 artifacts with the live model: re-export this one")
-    return ModelFunctions(Mamba2Config.from_dict(m.model["config"]), jnp.dtype(m.dtype), m.limits,
-                          platform=loaded.platform)
+    return ModelFunctions(config_from_manifest(m.model), jnp.dtype(m.dtype), m.limits, platform=loaded.platform)
 
 
 def _diff(a, b) -> tuple[float, float]:

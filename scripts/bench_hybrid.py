@@ -7,11 +7,11 @@ tok/s, one small configuration per family, fp32 on this machine's CPU.
 
 Per family: seeded random weights are drawn by transformers (its own init), saved as a checkpoint
 directory, and loaded by both systems:
-  jax   our model from that checkpoint: jax.jit(prefill), and decode as one on-device
-        lax.fori_loop of greedy steps per timed block (the decode loop's shape, no host round
-        trip per token)
-  hf    `<Family>ForCausalLM.from_pretrained`; prefill = forward(ids, logits_to_keep=1); decode =
-        `generate` with a per-token clock (the steps after the first new token)
+  runtime  a cpu artifact exported from that checkpoint (context = the longest position + the
+           block), run through `runtime.load`: prefill one call; decode one call of --block
+           greedy tokens (the on-device loop)
+  hf       `<Family>ForCausalLM.from_pretrained`; prefill = forward(ids, logits_to_keep=1);
+           decode = `generate` with a per-token clock (the steps after the first new token)
 decode @p: batch 1, a p-token prompt prefilled (untimed), then --block greedy tokens timed;
 tok/s = block / seconds. Medians of --repeats. Both systems must emit the same first greedy
 tokens at the first position (checked, reported). Numbers are for a quiet machine: run alone.
@@ -96,50 +96,42 @@ def make_checkpoint(family: str, cfg: dict, path: Path, seed: int) -> dict:
     return {"architecture": arch, "params": sum(p.numel() for p in model.parameters())}
 
 
-class JaxSystem:
-    def __init__(self, path: Path, capacity: int):
-        import jax
+class RuntimeSystem:
+    """The exported artifact through the runtime's raw prefill / decode calls (batch 1)."""
+
+    def __init__(self, ckpt: Path, work: Path, args):
         import jax.numpy as jnp
-        from flax import nnx
+        import numpy as np
 
-        from exporter.hybrid import kv_capacity, state_shapes
-        from exporter.hybrid_params import load_hybrid
+        import runtime
+        from exporter.architectures import load_model_config
+        from exporter.artifact import write_artifact
+        from exporter.functions import ModelFunctions
+        from runtime.engine.requests import SamplingParams
+        from runtime.format.manifest import Limits
 
-        self.jnp = jnp
-        self.cfg, model = load_hybrid(str(path))
-        graphdef, self.params = nnx.split(model)
-        self.shapes = state_shapes(self.cfg, 1, jnp.float32, kv_capacity(capacity))
-        self._prefill = jax.jit(lambda p, s, t, n: nnx.merge(graphdef, p).prefill(s, t, n))
-
-        def decode(p, state, logits, n):
-            m = nnx.merge(graphdef, p)
-
-            def body(i, c):
-                logits, carry, out = c
-                tok = jnp.argmax(logits, -1).astype(jnp.int32)
-                logits, carry = m.step(tok, carry, jnp.ones(tok.shape, bool))
-                return logits, carry, out.at[:, i].set(tok)
-
-            out = jnp.zeros((logits.shape[0], n), jnp.int32)
-            logits, carry, out = jax.lax.fori_loop(0, n, body, (logits, m.loop_carry(state), out))
-            return out, m.state_dict(carry), logits
-
-        self._decode = jax.jit(decode, static_argnums=3)
+        self.np, self.sampling = np, SamplingParams()  # greedy
+        self.cfg = load_model_config(str(ckpt))
+        longest = max(max(args.positions), max(args.prefill_T))
+        limits = Limits(max_batch=1, max_prompt_tokens=longest, max_new_tokens=args.block, decode_block=args.block,
+                        max_prefill_tokens=longest, max_stop_tokens=1, max_context=longest + args.block + 1)
+        write_artifact(ModelFunctions(self.cfg, jnp.float32, limits), ["cpu"], work / "art", force=True)
+        self.model = runtime.load(work / "art", ckpt)
+        self.keys = np.zeros((1, 2), np.uint32)
 
     def prefill(self, ids):
-        jnp = self.jnp
-        state = {k: jnp.zeros(s.shape, s.dtype) for k, s in self.shapes.items()}
-        out = self._prefill(self.params, state, jnp.asarray(ids), jnp.asarray([ids.shape[1]], jnp.int32))
-        return self.jnp.asarray(out[0]).block_until_ready(), out[1]
+        logits, state = self.model.prefill(ids, self.np.asarray([ids.shape[1]], self.np.int32))
+        return self.np.asarray(logits), state
 
     def decode(self, state, logits, n):
-        toks, state, logits = self._decode(self.params, state, logits, n)
-        return [int(t) for t in toks.block_until_ready()[0]]
+        out = self.model.decode(state, logits, self.np.zeros((1,), bool), n, 0, self.keys, self.sampling,
+                                self.np.full((1,), -1, self.np.int32))
+        return [int(t) for t in self.np.asarray(out[0])[0, :n]]
 
 
-def measure_jax(path: Path, args, who: str) -> dict:
+def measure_runtime(path: Path, work: Path, args, who: str) -> dict:
     t0 = time.perf_counter()
-    sys_ = JaxSystem(path, max(args.positions) + args.block + 1)
+    sys_ = RuntimeSystem(path, work, args)
     res = {"setup_s": time.perf_counter() - t0, "prefill": {}, "decode": {}}
     V = sys_.cfg.vocab_size
     for T in args.prefill_T:
@@ -216,17 +208,19 @@ def table(results: dict, args) -> str:
              f"@{pos[-1]} / @{pos[0]}"])
     rows = [head]
     for fam, r in results.items():
-        for name in ("jax", "hf"):
+        for name in ("runtime", "hf"):
             s = r.get(name)
             if not s:
                 continue
             dec = [s["decode"][p]["tok_s"] for p in pos]
             rows.append([fam, name, *(f"{s['prefill'][str(T)]['tok_s']:.0f}" for T in args.prefill_T),
                          *(f"{d:.1f}" for d in dec), f"{dec[-1] / dec[0]:.2f}"])
-        if r.get("jax") and r.get("hf"):
-            rows.append([fam, "jax / hf", *(f"{r['jax']['prefill'][str(T)]['tok_s'] / r['hf']['prefill'][str(T)]['tok_s']:.2f}x"
-                                            for T in args.prefill_T),
-                         *(f"{r['jax']['decode'][p]['tok_s'] / r['hf']['decode'][p]['tok_s']:.2f}x" for p in pos), ""])
+        if r.get("runtime") and r.get("hf"):
+            ours, hf = r["runtime"], r["hf"]
+            rows.append([fam, "runtime / hf",
+                         *(f"{ours['prefill'][str(T)]['tok_s'] / hf['prefill'][str(T)]['tok_s']:.2f}x"
+                           for T in args.prefill_T),
+                         *(f"{ours['decode'][p]['tok_s'] / hf['decode'][p]['tok_s']:.2f}x" for p in pos), ""])
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = [" | ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
     lines.insert(1, "-+-".join("-" * w for w in widths))
@@ -266,10 +260,10 @@ def main(argv=None) -> int:
             info = make_checkpoint(fam, cfg, path, args.seed)
             log(f"{info['architecture']}: {info['params'] / 1e6:.1f}M params", fam)
             r = results[fam] = {"config": cfg, **info}
-            r["jax"] = measure_jax(path, args, f"{fam} jax")
+            r["runtime"] = measure_runtime(path, work / f"{fam}-art", args, f"{fam} runtime")
             if not args.skip_hf:
                 r["hf"] = measure_hf(path, info["architecture"], args, f"{fam} hf")
-                r["tokens_agree"] = r["jax"]["tokens"] == r["hf"]["tokens"]
+                r["tokens_agree"] = r["runtime"]["tokens"] == r["hf"]["tokens"]
                 log(f"first {args.check} greedy tokens agree: {r['tokens_agree']}", fam)
     finally:
         shutil.rmtree(work, ignore_errors=True)

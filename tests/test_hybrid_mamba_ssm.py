@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from exporter.hybrid_config import from_mamba_ssm_hybrid, load_hybrid_config
-from exporter.hybrid_params import bind, load_hybrid, load_params
+from exporter.hybrid_params import bind, load_hybrid
+from exporter.loading import load_params
 from hybrid_fixtures import (  # noqa: F401  (hybrid_case is a fixture)
     LENGTHS, LOGITS_RTOL, PAD_T, HybridRunner, prompts, rel_diff, right_pad,
 )
