@@ -315,6 +315,14 @@ class FusedGatedMLP(nnx.Module):
 MOE_TILE = 64  # prefill rows per expert tile; decode uses 1 (each assignment reads its expert once)
 
 
+def top_k(x, k: int):
+    """(values, indices) of the k largest along the last axis, ties to the lower index (as
+    lax.top_k), by a stable sort: lax.top_k lowers to a composite op that TF's XlaCallModule (the
+    SavedModel) cannot read; routers sort a few dozen experts, a negligible cost."""
+    idx = jnp.argsort(-x, axis=-1, stable=True)[..., :k]
+    return jnp.take_along_axis(x, idx, axis=-1), idx
+
+
 def routed_experts(x, idx, weights, num_experts: int, expert_fn, out_dim: int, tile: int):
     """sum_j weights[n, j] * expert_fn(x[n], idx[n, j]) for every token n, exactly.
 
@@ -387,7 +395,7 @@ class GraniteMoE(nnx.Module):
         lead, d = x.shape[:-1], x.shape[-1]
         flat = x.reshape(-1, d)  # [N, d]
         logits = self.router.layer(flat).astype(F32)  # [N, E]
-        top, idx = jax.lax.top_k(logits, self.k)
+        top, idx = top_k(logits, self.k)
         weights = jax.nn.softmax(top, axis=-1).astype(x.dtype)
         w_in, w_out = self.input_linear.weight[...], self.output_linear.weight[...]
 
@@ -420,11 +428,11 @@ class NemotronRouter(nnx.Module):
         choice = scores + self.e_score_correction_bias[...]
         if c.n_group > 1:
             grouped = choice.reshape(N, c.n_group, c.num_experts // c.n_group)
-            group_score = jax.lax.top_k(grouped, 2)[0].sum(-1)  # [N, n_group]
-            _, keep = jax.lax.top_k(group_score, c.topk_group)
+            group_score = top_k(grouped, 2)[0].sum(-1)  # [N, n_group]
+            _, keep = top_k(group_score, c.topk_group)
             group_mask = jnp.zeros((N, c.n_group), bool).at[jnp.arange(N)[:, None], keep].set(True)
             choice = jnp.where(jnp.repeat(group_mask, c.num_experts // c.n_group, axis=1), choice, -jnp.inf)
-        _, idx = jax.lax.top_k(choice, c.experts_per_tok)
+        _, idx = top_k(choice, c.experts_per_tok)
         weights = jnp.take_along_axis(scores, idx, axis=1)
         if c.norm_topk_prob:
             weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
