@@ -170,23 +170,37 @@ def test_memory_bound_covers_xla_own_analysis():
 
 @pytest.mark.slow
 def test_all_hybrid_presets_lower_for_tpu_and_cuda(tmp_path):
-    """Lowering only (abstract shapes, no weights): every preset, both platforms, small files, the
-    published parameter count in the weight spec, a KV capacity in the limits."""
+    """Every preset's prefill and decode lower for tpu and cuda from abstract shapes (no weights):
+    one jax.export per function for both platforms (one trace; the cuda numerics, which differ
+    from tpu's only in a precision flag); small modules, the published parameter count, the KV
+    capacity in the state. One preset also goes through write_artifact (per-platform numerics,
+    flattened modules, manifest)."""
     t0 = time.perf_counter()
     limits = Limits(max_batch=8, max_prompt_tokens=4096, max_new_tokens=1024, max_context=4352)
     for name, cfg in PRESETS.items():
-        out = tmp_path / name
-        with warnings.catch_warnings():  # flattening must succeed for every module (exporter.flatten)
-            warnings.simplefilter("error", RuntimeWarning)
-            manifest = write_artifact(ModelFunctions(cfg, jnp.bfloat16, limits), ["tpu", "cuda"], out, force=False)
-        assert manifest["platforms"] == ["tpu", "cuda"] and manifest["model"]["family"] == cfg.family
-        for rel, rec in manifest["files"].items():
-            assert rec["bytes"] < 3_000_000 and rec["bytes"] < 2 * count_params(cfg) / 100, (name, rel)
-        assert parse_weight_spec(manifest["weights"]).num_params == count_params(cfg)
-        assert manifest["limits"]["max_context"] == 4352
-        state = {t["name"]: t["shape"] for t in manifest["functions"]["prefill"]["inputs"]}
-        assert state["state/k"][2] == 4352 and state["state/pos"] == ["b"]
-    print(f"\nexported {len(PRESETS)} hybrid presets x (tpu, cuda) in {time.perf_counter() - t0:.1f} s")
+        fns = ModelFunctions(cfg, jnp.bfloat16, limits, platform="cuda")
+        for fn in ("prefill", "decode"):
+            exported = jax.export.export(jax.jit(getattr(fns, fn)), platforms=("tpu", "cuda"))(
+                *getattr(fns, f"{fn}_args")())
+            size = len(exported.serialize())
+            assert exported.platforms == ("tpu", "cuda") and size < 3_000_000, (name, fn, size)
+            if fn == "prefill":
+                state = exported.in_avals[1:1 + len(fns.state_specs("b"))]
+        shapes = fns.state_specs(1)
+        assert shapes["k"].shape[2] == 4352 and shapes["pos"].shape == (1,)
+        assert len(state) == len(shapes)
+        assert parse_weight_spec(fns.arch.weight_spec(cfg, jnp.bfloat16)).num_params == count_params(cfg)
+    elapsed = time.perf_counter() - t0
+
+    cfg = PRESETS["falcon-h1-tiny-90m"]
+    with warnings.catch_warnings():  # flattening must succeed for every module (exporter.flatten)
+        warnings.simplefilter("error", RuntimeWarning)
+        manifest = write_artifact(ModelFunctions(cfg, jnp.bfloat16, limits), ["tpu", "cuda"], tmp_path / "a",
+                                  force=False)
+    assert manifest["platforms"] == ["tpu", "cuda"] and manifest["model"]["family"] == "falcon_h1"
+    assert manifest["limits"]["max_context"] == 4352
+    assert manifest["model"]["numerics"]["tpu"]["intra_precision"] == "high"
+    print(f"\nlowered {len(PRESETS)} hybrid presets for (tpu, cuda) in {elapsed:.1f} s")
 
 
 # ------------------------------------------------------------------ SavedModel and tensor parallel
