@@ -270,3 +270,12 @@ def test_tensor_parallel_export_gives_the_same_tokens(art, tmp_path):
     assert rep["devices"] == 4
     assert rep["q_proj"][0] == "model" and rep["experts"][0] == "model"
     assert rep["tokens"] == runtime.load(art.path, art.ckpt).generate(rows, 24, ignore_eos=True)
+
+
+def test_verify_command_passes(art):
+    """`mamba2-aot verify` on a hybrid artifact: compiled == live, every state leaf compared along
+    its own batch axis (pos is [b])."""
+    r = run_cli("verify", str(art.path), "--weights", str(art.ckpt), "--steps", "16", "--json", env=subprocess_env())
+    assert r.returncode == 0, r.stdout + r.stderr
+    report = last_json(r.stdout)
+    assert report["ok"] and report["tokens_agree"] and report["cache_max_rel"] == 0.0
