@@ -175,12 +175,14 @@ def test_official_config_dir_exports_the_preset(tmp_path):
     assert cfg.to_dict() | {"name": "1.3b"} == PRESETS["1.3b"].to_dict()
 
 
-def test_export_refuses_a_hybrid_config_in_one_line(tmp_path, capfd):
+def test_export_refuses_a_noncausal_hybrid_config_in_one_line(tmp_path, capfd):
+    """mamba_ssm hybrids export (exporter.hybrid_config); an attn_cfg without causal: true is
+    mamba_ssm's bidirectional MHA, which cannot generate: refused in one line."""
     d = tmp_path / "mamba2attn"
     d.mkdir()
     (d / "config.json").write_text(json.dumps({**OFFICIAL, "attn_layer_idx": [9, 18], "attn_cfg": {"num_heads": 30}}))
     code, _, err = cli(capfd, "export", "--model", d, "--out", tmp_path / "art")
-    error_line(code, err, "hybrid mamba_ssm checkpoints are not supported yet", "attn_layer_idx")
+    error_line(code, err, "attn_cfg.causal is not true")
     assert not (tmp_path / "art").exists()
 
 
