@@ -4,13 +4,13 @@ The layers (exporter.hybrid_layers) reuse exporter.model's Mamba-2 Mixer and exp
 attention, MLP and MoE. Parameter paths equal the families' checkpoint names (PyTorch (out, in)
 layout).
 
-State (a dict of arrays, one batch dim each; all zeros = a fresh sequence; rows independent):
-  "conv": [Lm, b, K-1, conv_dim] model dtype   the Mamba layers' conv windows
-  "ssm":  [Lm, b, H, P, N] float32             their SSM states
-  "k", "v": [La, b, c, G, D] model dtype       the attention layers' KV caches, capacity c
-  "attn_conv": [La, b, K-1, qkv] model dtype   mamba_ssm's attention conv windows (when it has one)
-  "pos":  [b] int32                            tokens each row has seen (its next position)
-(conv/ssm are absent without Mamba layers, k/v without attention layers.)
+State (a dict of arrays, one leaf per layer as exporter.state's, batch on axis 0; all zeros = a
+fresh sequence; rows independent), for layer i of the checkpoint:
+  "conv.i": [b, K-1, conv_dim] model dtype   a Mamba-2 layer's conv window
+  "ssm.i":  [b, H, P, N] float32             its SSM state
+  "k.i", "v.i": [b, c, G, D] model dtype     an attention layer's KV cache, capacity c
+  "attn_conv.i": [b, K-1, qkv] model dtype   mamba_ssm's attention conv window (when it has one)
+  "pos":  [b] int32                          tokens each row has seen (its next position)
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from exporter.hybrid_config import ATTENTION_KINDS, MAMBA_KINDS, HybridConfig
 from exporter.hybrid_layers import Ctx, build_layers
 from exporter.model import Embedding, Linear, RMSNorm, matvec
 from exporter.numerics import Numerics, reference
+from exporter.state import conv_key, ssm_key
 
 F32 = jnp.float32
 
@@ -101,35 +102,33 @@ class HybridLM(nnx.Module):
         return rope_tables(positions, c.rotary_dim, c.rope_theta) if c.rotary_dim else None
 
     def _layer_states(self, state) -> list[dict]:
-        """Per layer {"mamba": (conv, ssm), "attention": (k, v)} (what it has), from a state dict
-        or a loop carry."""
-        mi = ai = 0
+        """Per layer {"mamba": (conv, ssm), "attention": (k, v), "attn_conv": window} (what it
+        has), from a state dict or a loop carry."""
         out = []
-        for kind in self.cfg.layer_types:
+        for i, kind in enumerate(self.cfg.layer_types):
             st = {}
             if kind in MAMBA_KINDS:
-                st["mamba"] = (state["conv"][mi], state["ssm"][mi])
-                mi += 1
+                st["mamba"] = (state[conv_key(i)], state[ssm_key(i)])
             if kind in ATTENTION_KINDS:
-                st["attention"] = (state["k"][ai], state["v"][ai])
-                if "attn_conv" in state:
-                    st["attn_conv"] = state["attn_conv"][ai]
-                ai += 1
+                st["attention"] = (state[f"k.{i}"], state[f"v.{i}"])
+                if f"attn_conv.{i}" in state:
+                    st["attn_conv"] = state[f"attn_conv.{i}"]
             out.append(st)
         return out
 
     @staticmethod
     def _collect(states: list[dict], pos) -> dict:
-        """Per-layer states back into carry form: {"conv": [..], "ssm": [..], "k": [..], "v": [..], "pos"}."""
-        carry: dict = {"pos": pos}
-        for st in states:
-            for group, (a, b) in (("mamba", ("conv", "ssm")), ("attention", ("k", "v"))):
-                if group in st:
-                    carry.setdefault(a, []).append(st[group][0])
-                    carry.setdefault(b, []).append(st[group][1])
+        """Per-layer states back into the flat state dict."""
+        out: dict = {}
+        for i, st in enumerate(states):
+            if "mamba" in st:
+                out[conv_key(i)], out[ssm_key(i)] = st["mamba"]
+            if "attention" in st:
+                out[f"k.{i}"], out[f"v.{i}"] = st["attention"]
             if "attn_conv" in st:
-                carry.setdefault("attn_conv", []).append(st["attn_conv"])
-        return carry
+                out[f"attn_conv.{i}"] = st["attn_conv"]
+        out["pos"] = pos
+        return out
 
     def _run(self, state, tokens, lengths):
         """tokens [b, t]; lengths [b]. Returns (residual [b, t, d], new per-layer states)."""
@@ -151,7 +150,7 @@ class HybridLM(nnx.Module):
         resid, states = self._run(state, tokens, lengths)
         last = jnp.clip(lengths - 1, 0, None)
         resid_last = jnp.take_along_axis(resid, last[:, None, None], axis=1)[:, 0]  # [b, d]
-        return self.logits(resid_last), self.state_dict(self._collect(states, state["pos"] + lengths))
+        return self.logits(resid_last), self._collect(states, state["pos"] + lengths)
 
     def forward(self, tokens):
         """All-position logits [b, t, V] from a fresh state (tests)."""
@@ -160,12 +159,12 @@ class HybridLM(nnx.Module):
         return self.logits(resid)
 
     def loop_carry(self, state: dict) -> dict:
-        """The decode loop's carry: one buffer per layer (updated in place inside a while_loop)."""
-        return self._collect(self._layer_states(state), state["pos"])
+        """The state as the decode loop carries it: already one buffer per layer, updated in place."""
+        return dict(state)
 
     @staticmethod
     def state_dict(carry: dict) -> dict:
-        return {k: (v if k == "pos" else jnp.stack(v)) for k, v in carry.items()}
+        return dict(carry)
 
     def step(self, tokens, carry: dict, active):
         """tokens [b] at positions carry["pos"] -> (logits [b, V], carry). Inactive rows are
@@ -188,20 +187,21 @@ def kv_capacity(tokens: int) -> int:
 
 
 def state_shapes(cfg: HybridConfig, batch, dtype, capacity: int) -> dict[str, jax.ShapeDtypeStruct]:
-    """{leaf: ShapeDtypeStruct} of the state; `batch` may be symbolic; capacity = kv_capacity(n)."""
+    """{leaf: ShapeDtypeStruct} of the state (one leaf per layer and kind, in layer order; module
+    docstring); `batch` may be symbolic; capacity = kv_capacity(n)."""
     m = cfg.mixer_config
-    Lm, La = len(cfg.mamba_layers), len(cfg.attention_layers)
+    qkv = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim
     out = {}
-    if Lm:
-        out["conv"] = jax.ShapeDtypeStruct((Lm, batch, m.conv_kernel - 1, m.conv_dim), dtype)
-        out["ssm"] = jax.ShapeDtypeStruct((Lm, batch, m.num_heads, m.head_dim, m.state_size), F32)
-    if La:
-        kv = (La, batch, capacity, cfg.num_key_value_heads, cfg.head_dim)
-        out["k"] = jax.ShapeDtypeStruct(kv, dtype)
-        out["v"] = jax.ShapeDtypeStruct(kv, dtype)
-        if cfg.attention_conv:
-            qkv = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim
-            out["attn_conv"] = jax.ShapeDtypeStruct((La, batch, cfg.attention_conv - 1, qkv), dtype)
+    for i, kind in enumerate(cfg.layer_types):
+        if kind in MAMBA_KINDS:
+            out[conv_key(i)] = jax.ShapeDtypeStruct((batch, m.conv_kernel - 1, m.conv_dim), dtype)
+            out[ssm_key(i)] = jax.ShapeDtypeStruct((batch, m.num_heads, m.head_dim, m.state_size), F32)
+        if kind in ATTENTION_KINDS:
+            kv = (batch, capacity, cfg.num_key_value_heads, cfg.head_dim)
+            out[f"k.{i}"] = jax.ShapeDtypeStruct(kv, dtype)
+            out[f"v.{i}"] = jax.ShapeDtypeStruct(kv, dtype)
+            if cfg.attention_conv:
+                out[f"attn_conv.{i}"] = jax.ShapeDtypeStruct((batch, cfg.attention_conv - 1, qkv), dtype)
     out["pos"] = jax.ShapeDtypeStruct((batch,), jnp.int32)
     return out
 
@@ -218,7 +218,7 @@ def state_summary(cfg: HybridConfig, dtype, capacity: int) -> dict:
     token of context, and the total at this artifact's KV capacity and at common lengths."""
     shapes = state_shapes(cfg, 1, dtype, capacity)
     size = {k: s.size * jnp.dtype(s.dtype).itemsize for k, s in shapes.items()}
-    kv = size.get("k", 0) + size.get("v", 0)
+    kv = sum(n for k, n in size.items() if k.split(".")[0] in ("k", "v"))
     per_token = kv // capacity if capacity else 0
     fixed = sum(size.values()) - kv
     at = {f"{n // 1024}k": fixed + per_token * kv_capacity(n) for n in (1024, 8192, 32768, 131072)}

@@ -74,12 +74,13 @@ def bind(cfg: HybridConfig, params: dict, dtype=jnp.float32, numerics: Numerics 
 
 
 def _sources(cfg: HybridConfig, name: str) -> dict:
-    """{"sources": [...]} or {"stack": [...]} for one parameter."""
+    """{"sources": [...]} (and for per-expert checkpoint tensors "stack": [...]) for one parameter."""
     if cfg.family == "nemotron_h":
         m = re.fullmatch(r"(backbone\.layers\.\d+\.mixer\.experts)\.(up_proj|down_proj)", name)
-        if m:
+        if m:  # whole under its own (or transformers' in-memory) name, else stacked from per-expert tensors
             prefix, proj = m.groups()
-            return {"stack": [[f"{prefix}.{j}.{proj}.weight", f"model{prefix[8:]}.{j}.{proj}.weight"]
+            return {"sources": [name, f"model{prefix[8:]}.{proj}"],
+                    "stack": [[f"{prefix}.{j}.{proj}.weight", f"model{prefix[8:]}.{j}.{proj}.weight"]
                               for j in range(cfg.num_experts)]}
         return {"sources": [name, "model." + name[len("backbone."):]] if name.startswith("backbone.") else [name]}
     if cfg.family == "mamba_ssm" and name == "backbone.embedding.weight":  # HF Mamba2's spelling

@@ -38,7 +38,7 @@ _RULES: tuple[tuple[re.Pattern, int], ...] = tuple((re.compile(p), d) for p, d i
     (r"\.(out_proj|o_proj|down_proj|output_linear|fc2)\.weight$", 1),
     (r"\.(q_proj|k_proj|v_proj|gate_proj|up_proj|input_linear|gate_up_proj|fc1)\.(weight|bias)$", 0),
 ))
-_STATE_DIMS = {"conv": 3, "ssm": 2, "k": 3, "v": 3, "attn_conv": 3, "pos": None}
+_STATE_DIMS = {"conv": 2, "ssm": 1, "k": 2, "v": 2, "attn_conv": 2, "pos": None}  # by kind ("conv.3" -> conv)
 
 
 def weight_dim(name: str) -> int | None:
@@ -59,7 +59,7 @@ def plan(cfg: HybridConfig, devices: int, dtype=jax.numpy.float32, capacity: int
     weights = {name: _split(name, s.shape, weight_dim(name), devices, fallbacks)
                for name, s in param_shapes(cfg, dtype).items()}
     state = {}
-    for name, s in state_shapes(cfg, 1, dtype, capacity).items():
-        shown = "[" + ", ".join("b" if i == (0 if name == "pos" else 1) else str(d) for i, d in enumerate(s.shape)) + "]"
-        state[name] = _split(f"state.{name}", s.shape, _STATE_DIMS[name], devices, fallbacks, shown)
+    for name, s in state_shapes(cfg, 1, dtype, capacity).items():  # batch: axis 0 of every leaf
+        shown = "[" + ", ".join("b" if i == 0 else str(d) for i, d in enumerate(s.shape)) + "]"
+        state[name] = _split(f"state.{name}", s.shape, _STATE_DIMS[name.split(".")[0]], devices, fallbacks, shown)
     return ShardingPlan(int(devices), weights, state, tuple(fallbacks))

@@ -122,7 +122,7 @@ def plan(cfg: Mamba2Config, devices: int, dtype=jax.numpy.float32) -> ShardingPl
 
 def fallback_summary(p: ShardingPlan) -> list[str]:
     """Fallbacks with layer indices folded (`layers.*`), one line per distinct tensor."""
-    folded = (re.sub(r"^state\.(conv|ssm)\.\d+ ", r"state.\1.* ", re.sub(r"\.layers\.\d+\.", ".layers.*.", f))
+    folded = (re.sub(r"^state\.(\w+)\.\d+ ", r"state.\1.* ", re.sub(r"\.layers\.\d+\.", ".layers.*.", f))
               for f in p.fallbacks)
     return list(dict.fromkeys(folded))
 

@@ -43,8 +43,8 @@ def right_pad(rows, t: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def row_of(a, key: str, i: int):
-    """Row i of a state leaf (batch is axis 0 of "pos", axis 1 of the per-layer stacks)."""
-    return a[i] if key == "pos" else a[:, i]
+    """Row i of a state leaf (batch: axis 0 of every leaf)."""
+    return a[i]
 
 
 class HybridRunner:

@@ -107,7 +107,7 @@ def test_exported_bit_exact_in_fresh_process_without_model_code(art, tmp_path):
     for name, want in live.items():
         with np.load(tmp_path / f"{name}_out.npz", allow_pickle=False) as f:
             assert_trees_equal({k: f[k] for k in f.files}, want)
-    assert {"1/k", "1/v", "1/pos", "1/conv", "1/ssm"} <= set(live["prefill"])
+    assert {"1/k.1", "1/v.1", "1/pos", "1/conv.0", "1/ssm.0", "1/conv.4"} <= set(live["prefill"])
 
 
 def test_runtime_generate_equals_hf_generate(art):
@@ -187,7 +187,8 @@ def test_all_hybrid_presets_lower_for_tpu_and_cuda(tmp_path):
             if fn == "prefill":
                 state = exported.in_avals[1:1 + len(fns.state_specs("b"))]
         shapes = fns.state_specs(1)
-        assert shapes["k"].shape[2] == 4352 and shapes["pos"].shape == (1,)
+        attention = cfg.attention_layers[0]
+        assert shapes[f"k.{attention}"].shape[1] == 4352 and shapes["pos"].shape == (1,)
         assert len(state) == len(shapes)
         assert parse_weight_spec(fns.arch.weight_spec(cfg, jnp.bfloat16)).num_params == count_params(cfg)
     elapsed = time.perf_counter() - t0

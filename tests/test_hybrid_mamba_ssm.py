@@ -157,7 +157,7 @@ def test_attention_conv_layer_matches_numpy(tmp_path):
     state = model.empty_state(1, 32)
     rope = model._rope(jnp.arange(t)[None])
     out, _, window = attn(jnp.asarray(x), rope, state["pos"], jnp.ones((1, t), bool), jnp.asarray([t]),
-                          (state["k"][0], state["v"][0]), state["attn_conv"][0])
+                          (state["k.1"], state["v.1"]), state["attn_conv.1"])
 
     p = {k.rsplit("mixer.", 1)[1]: np.asarray(v, np.float64) for k, v in params.items()
          if k.startswith("backbone.layers.1.mixer.")}

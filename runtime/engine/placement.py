@@ -172,6 +172,10 @@ class Placement:
 
         check_config(ckpt.config, spec, source=ckpt.path)
         plan = plan_load(ckpt, spec)  # metadata only; names, shapes, float dtypes checked
+        stacked = [t.name for t in spec.tensors if isinstance(plan[t.name], tuple)]
+        if stacked:  # orbax checkpoints (convert-weights) hold every tensor whole, under its own name
+            raise WeightsError(f"orbax checkpoint {ckpt.path} stores {stacked[0]} as {len(plan[stacked[0]])} "
+                               "slices: write it with convert-weights, which stores it whole")
         out = ckpt.restore([plan[t.name] for t in spec.tensors],
                            shardings={plan[t.name]: self.weight_shardings[t.name] for t in spec.tensors},
                            dtypes={plan[t.name]: t.dtype for t in spec.tensors})

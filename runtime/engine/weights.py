@@ -89,30 +89,44 @@ def source_label(src: str, t: WeightTensor) -> str:
     return src if src == t.name else f"{src} (for {t.name})"
 
 
-def plan_load(ckpt: Checkpoint, spec: WeightSpec) -> dict[str, str]:
-    """{spec tensor: the checkpoint name to read} from metadata alone; WeightsError listing all
-    mismatches."""
+def plan_load(ckpt: Checkpoint, spec: WeightSpec) -> dict[str, str | tuple[str, ...]]:
+    """{spec tensor: the checkpoint name to read, or the names to stack} from metadata alone;
+    WeightsError listing all mismatches."""
     problems: list[str] = []
-    plan: dict[str, str] = {}
+    plan: dict[str, str | tuple[str, ...]] = {}
     used: dict[str, str] = {}  # checkpoint name -> spec tensor
+
+    def check(src: str, shape: tuple, t: WeightTensor, label: str) -> None:
+        if ckpt.shape(src) != shape:
+            problems.append(f"{label} has shape {fmt_shape(ckpt.shape(src))}, expected {fmt_shape(shape)}")
+        dt = ckpt.dtype(src)
+        if dt is None or not is_float_dtype(dt):
+            problems.append(f"{label} has dtype {ckpt.dtype_name(src)}, expected {t.dtype.name} "
+                            "(a floating-point tensor)")
 
     for t in spec.tensors:
         src = _resolve(ckpt, t.sources)
+        if src is None and t.stack:  # one checkpoint tensor per slice (e.g. per expert)
+            names = [_resolve(ckpt, entry) for entry in t.stack]
+            missing = [entry[0] for entry, n in zip(t.stack, names) if n is None]
+            if missing:
+                problems.append(f"missing {t.sources[0]} {fmt_shape(t.shape)} (or its {len(t.stack)} slices: "
+                                f"{len(missing)} missing, e.g. {missing[0]})")
+                continue
+            for j, n in enumerate(names):
+                used[n] = t.name
+                check(n, t.shape[1:], t, f"{n} (slice {j} of {t.name})")
+            plan[t.name] = tuple(names)
+            continue
         if src is None:
             also = f" (also looked for {', '.join(t.sources[1:])})" if len(t.sources) > 1 else ""
             problems.append(f"missing {t.sources[0]} {fmt_shape(t.shape)}{also}")
             continue
         used[src] = t.name
-        label = source_label(src, t)
-        shape, dt = ckpt.shape(src), ckpt.dtype(src)
-        if shape != t.shape:
-            problems.append(f"{label} has shape {fmt_shape(shape)}, expected {fmt_shape(t.shape)}")
-        if dt is None or not is_float_dtype(dt):
-            problems.append(f"{label} has dtype {ckpt.dtype_name(src)}, expected {t.dtype.name} "
-                            "(a floating-point tensor)")
+        check(src, t.shape, t, source_label(src, t))
         plan[t.name] = src
     ignore = set(spec.ignore)
-    alias_of = {a: t for t in spec.tensors for a in t.sources}
+    alias_of = {a: t for t in spec.tensors for a in t.all_sources()}
     for name in ckpt.names():
         if name in used or name in ignore:
             continue
@@ -170,15 +184,19 @@ def load_weights(path, spec, *, check_finite: bool = True,
             on_checked()
         out: dict[str, np.ndarray] = {}
         counts: dict[str, tuple[int, int]] = {}
-        for t, (src, arr) in zip(spec.tensors, ckpt.read_many([plan[t.name] for t in spec.tensors])):
-            if src != plan[t.name]:
-                raise WeightsError(f"checkpoint {ckpt.path} returned {src} when {plan[t.name]} was asked for: "
+        # (tensor, slice or None, checkpoint name) in reading order: a stacked tensor reads its slices
+        reads = [(t, j, src) for t in spec.tensors
+                 for j, src in (enumerate(plan[t.name]) if isinstance(plan[t.name], tuple) else [(None, plan[t.name])])]
+        for (t, j, want), (src, arr) in zip(reads, ckpt.read_many([r[2] for r in reads])):
+            if src != want:
+                raise WeightsError(f"checkpoint {ckpt.path} returned {src} when {want} was asked for: "
                                    "the reader is out of order (a bug: please report it)")
-            dest = host_buffer(t.shape, t.dtype)
+            if t.name not in out:
+                out[t.name] = host_buffer(t.shape, t.dtype)
+            dest = out[t.name] if j is None else out[t.name][j]
             np.copyto(dest, arr.reshape(dest.shape), casting="unsafe")
             if check_finite:
-                counts[source_label(src, t)] = count_nonfinite(dest)
-            out[t.name] = dest
+                counts[source_label(src, t) if j is None else f"{src} (slice {j} of {t.name})"] = count_nonfinite(dest)
         error = nonfinite_error(ckpt.path, counts)
         if error is not None:
             raise error

@@ -5,6 +5,9 @@ model's parameters:
 
     {"tensors": [{"name": ..., "shape": [...], "dtype": "float32" | "bfloat16" | ...,
                   "sources": [checkpoint name, alias, ...]      # first one present wins
+                  "stack": [entry, ...]   # optional: when no source is present, np.stack of these
+                                          # checkpoint tensors on a new axis 0 (one entry, a name
+                                          # or a list of aliases, per slice: per-expert MoE tensors)
                   "init": {"kind": "normal", "std": s} | {"kind": "uniform", "low": a, "high": b}
                           | {"kind": "constant", "value": v}}, ...],
      "ignore": [checkpoint names allowed in a checkpoint but unused],
@@ -98,6 +101,9 @@ class WeightTensor:
     dtype: np.dtype
     sources: tuple[str, ...]  # checkpoint names to take it from, first present wins
     init: Mapping[str, Any]
+    # Else: one alias tuple per slice along a new axis 0, stacked (checkpoints storing one tensor
+    # per expert). Empty: the tensor is read whole.
+    stack: tuple[tuple[str, ...], ...] = ()
 
     @property
     def size(self) -> int:
@@ -107,9 +113,15 @@ class WeightTensor:
     def nbytes(self) -> int:
         return self.size * self.dtype.itemsize
 
+    def all_sources(self) -> tuple[str, ...]:
+        return self.sources + tuple(n for entry in self.stack for n in entry)
+
     def to_dict(self) -> dict:
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype.name,
-                "sources": list(self.sources), "init": dict(self.init)}
+        d = {"name": self.name, "shape": list(self.shape), "dtype": self.dtype.name,
+             "sources": list(self.sources), "init": dict(self.init)}
+        if self.stack:
+            d["stack"] = [list(e) for e in self.stack]
+        return d
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,8 +216,15 @@ def _tensor(obj, i: int) -> WeightTensor:
         raise _bad(where, f"'dtype': {e}") from None
     if obj.get("sources") is None:
         raise _bad(where, "needs 'sources' (the checkpoint names to read it from)")
+    stack = obj.get("stack") or ()
+    if not isinstance(stack, (list, tuple)):
+        raise _bad(where, f"'stack' must be a list, got {stack!r}")
+    stack = tuple(_names(e, f"{where} stack[{j}]", "entry") for j, e in enumerate(stack))
+    if stack and (not shape or shape[0] != len(stack)):
+        raise _bad(where, f"'stack' has {len(stack)} entries but the shape is {fmt_shape(shape)}: "
+                          "dim 0 must equal the entry count")
     return WeightTensor(name=name, shape=shape, dtype=dtype, sources=_names(obj["sources"], where, "sources"),
-                        init=_init(obj.get("init"), where))
+                        init=_init(obj.get("init"), where), stack=stack)
 
 
 def parse_weight_spec(obj) -> WeightSpec:
@@ -224,7 +243,7 @@ def parse_weight_spec(obj) -> WeightSpec:
         if t.name in names:
             raise _bad(f"tensor {t.name}", "the name appears twice")
         names.add(t.name)
-        for src in t.sources:
+        for src in t.all_sources():
             if seen.get(src, t.name) != t.name:
                 raise _bad(f"tensor {t.name}", f"checkpoint name {src!r} is also a source of {seen[src]}")
             seen[src] = t.name
