@@ -49,6 +49,7 @@ def run_mamba(mixer: Mixer, h, ctx: Ctx, st: tuple, step: bool):
 
 
 def run_attention(attn: Attention, h, ctx: Ctx, st: tuple, step: bool, adapter: int | None = None):
+    """An attention block over its KV cache st = (k, v) [b, c, G, D] (adapter: Zamba2's slot)."""
     if step:
         return attn.step(h, ctx.rope, ctx.pos, ctx.active, st, adapter)
     return attn(h, ctx.rope, ctx.pos, ctx.valid, ctx.lengths, st, adapter)
