@@ -193,6 +193,23 @@ class LoadedModel:
         the first such request then finds them ready. No-op for multi-device artifacts."""
         self._prepare_buckets(*self._buckets_for(batch, prompt_tokens))
 
+    def compile_buckets(self, prefill: Sequence[tuple[int, int]] = (), decode: Sequence[int] = (),
+                        wait: bool = True) -> None:
+        """Compile prefill for each exact (batch bucket, prompt bucket) and decode for each batch
+        bucket (or load them from the persistent cache). All are queued for the compile worker;
+        with wait=True this returns once every one is ready, compiling queued ones itself
+        meanwhile. A server calls it before it answers ready. No-op for multi-device artifacts
+        (they compile on first use)."""
+        if self._programs is None:
+            return
+        fns = self.manifest.functions
+        jobs = [("prefill", solve_dims(fns["prefill"], {"tokens": (B, T)})) for B, T in prefill]
+        jobs += [("decode", solve_dims(fns["decode"], {"finished": (B,)})) for B in decode]
+        for name, dims in jobs:
+            self._programs.prepare(name, dims)
+        for name, dims in jobs if wait else ():
+            self._programs.get(name, dims)
+
     def _prepare_buckets(self, B: int, T: int) -> None:
         if self._programs is not None:
             fns = self.manifest.functions
