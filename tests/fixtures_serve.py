@@ -29,7 +29,7 @@ pytest.importorskip("uvicorn")
 pytest.importorskip("prometheus_client")
 
 # Long generations (cancellation, drain) and prompts of several prefill chunks.
-SERVE_LIMITS = Limits(vocab_size=96, max_batch=8, max_prompt_tokens=256, max_new_tokens=8192, max_stop_tokens=4,
+SERVE_LIMITS = Limits(vocab_size=96, max_batch=8, max_prompt_tokens=256, max_new_tokens=65536, max_stop_tokens=4,
                       decode_block=16, max_prefill_tokens=256)
 # Prompt buckets 16 and 32 (segments of 32). The test servers' shape set: slots 4 (decode at
 # batch 1, 2, 4), chunks of 64 tokens (prefill at (1, 16), (1, 32), (2, 16), (2, 32), (4, 16)):
@@ -38,7 +38,7 @@ SEGMENT, SLOTS, CHUNK = 32, 4, 64
 EOS = TINY_CFG.eos_token_id
 API_KEY = "test-key"
 CHAT_TEMPLATE = ("{% for m in messages %}{% if m.role not in ['system', 'user', 'assistant'] %}"
-                 "{{ raise_exception('unknown role ' + m.role) }}{% endif %}<{{ m.role }}>{{ m.content }}\n"
+                 "{{ raise_exception('unknown role ' + m.role) }}{% endif %}<{{ m.role }}>{{ m.content }}|"
                  "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
 
 
@@ -145,7 +145,11 @@ class ServerProcess:
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
-        self.url = "http://127.0.0.1:%d" % self._wait_for(r"listening on http://127\.0\.0\.1:(\d+)", 120)
+        try:
+            self.url = "http://127.0.0.1:" + self._wait_for(r"listening on http://127\.0\.0\.1:(\d+)", 120)
+        except BaseException:
+            self.kill()
+            raise
 
     def _read(self) -> None:
         for line in self.proc.stderr:

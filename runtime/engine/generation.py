@@ -15,9 +15,9 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from runtime.engine.requests import (RowSettings, bucket, check_new_tokens, check_prompt, check_prompts,
-                                     check_stop_ids, per_row)
+                                     check_stop_ids, pack, per_row)
 from runtime.engine.rng import row_keys
-from runtime.engine.state import State
+from runtime.engine.state import State, take_row
 from runtime.errors import RequestError
 
 
@@ -130,10 +130,8 @@ def use_prefix_cache(model, rows: list[Row]) -> None:
 
 def row_state(model, state, logits, i: int, num_tokens: int, history) -> State:
     """Row i of a batch (its state and logits [1, V]) as a State of `num_tokens` tokens."""
-    import jax
-
-    return State(tuple(model.state_layout.take(state, i)), jax.lax.slice_in_dim(logits, i, i + 1, axis=0),
-                 num_tokens, model.artifact_id, history)
+    return State(tuple(model.state_layout.take(state, i)), take_row(logits, i), num_tokens, model.artifact_id,
+                 history)
 
 
 def start_batch(model, rows: list[Row], B: int):
@@ -148,17 +146,6 @@ def start_batch(model, rows: list[Row], B: int):
         return state, None
     zero = jnp.zeros((1, model.limits["vocab_size"]), jnp.float32)
     return state, jnp.concatenate([r.start.logits if r.start else zero for r in rows] + [zero] * (B - len(rows)))
-
-
-def pack(chunks: list[list[int]], B: int, T: int, pad: int = 0):
-    """Each row's tokens for one prefill call (at most T each), right-padded:
-    (tokens int32[B, T], lengths int32[B]); rows beyond len(chunks) have length 0."""
-    tokens = np.full((B, T), pad, np.int32)  # [B, T]
-    lengths = np.zeros((B,), np.int32)
-    for i, chunk in enumerate(chunks):
-        tokens[i, :len(chunk)] = chunk
-        lengths[i] = len(chunk)
-    return tokens, lengths
 
 
 def ingest(model, rows: list[Row], B: int):

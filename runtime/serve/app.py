@@ -96,8 +96,8 @@ def create_app(service) -> FastAPI:
                 raise too_big
         try:
             value = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
+            raise ApiError(400, f"the request body is not valid JSON: {str(e)[:200]}", code="invalid_json") from None
         if not isinstance(value, dict):
             raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
         return value

@@ -8,13 +8,21 @@ import click
 
 from runtime.errors import Mamba2AOTError
 
-_EXTRAS = ("fastapi", "uvicorn", "prometheus_client", "jinja2")
+_EXTRAS = ("fastapi", "uvicorn", "prometheus_client")  # jinja2: only for a chat template
+
+
+def _importable(name: str) -> bool:
+    import importlib
+
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        return False
+    return True
 
 
 def _check_extras() -> None:
-    import importlib.util
-
-    missing = [m for m in _EXTRAS if importlib.util.find_spec(m) is None]
+    missing = [m for m in _EXTRAS if not _importable(m)]
     if missing:
         raise Mamba2AOTError(f"serve needs {', '.join(missing)}: pip install 'mamba2-aot[serve]'")
 

@@ -28,8 +28,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from runtime.engine.generation import Row, pack, row_state, start_batch, use_prefix_cache
-from runtime.engine.requests import RowSettings, bucket
+from runtime.engine.generation import Row, row_state, start_batch, use_prefix_cache, validate
+from runtime.engine.requests import RowSettings, bucket, pack
 from runtime.serve.slots import SlotPool
 
 log = logging.getLogger("mamba2_aot.serve")
@@ -119,16 +119,21 @@ class Scheduler:
         return list(self._batch_buckets)
 
     def warm_up(self) -> None:
-        """Before serving (the loop not started): one 1-token sequence through admission and a
-        decode block, so the small array programs on that path compile now rather than on the
-        first request. Leaves the slots empty and the prefix cache untouched."""
-        row = Row([self._pad], None, (self._pad,), 1, np.full((self._stop.shape[1],), -1, np.int32))
-        seq = Sequence(row, (0.0, 0, 1.0, 0.0), np.zeros((2,), np.uint32), lambda update: None)
-        seq.cacheable = False
-        with self._cond:
-            self._queue.append(seq)
-            admitted = self._take_queue()
-        self._turn(None, [], set(), admitted)
+        """Before serving (the loop not started): one 1-token sequence, then a full batch of them,
+        through validation, admission and a decode block, so the small array programs on those
+        paths compile now rather than on the first requests. Leaves the slots empty and the
+        prefix cache untouched."""
+        for count in sorted({1, self.n}):
+            req = validate(self.model, [[self._pad]] * count, 1, temperature=1.0, seed=0, ignore_eos=True)
+            seqs = []
+            for row, key in zip(req.rows, req.keys):
+                seq = Sequence(row, (1.0, 0, 1.0, 0.0), key, lambda update: None)
+                seq.cacheable = False
+                seqs.append(seq)
+            with self._cond:
+                self._queue.extend(seqs)
+                admitted = self._take_queue()
+            self._turn(None, [], set(), admitted)
         self.turns = 0
 
     # -- called from other threads -----------------------------------------------------------
