@@ -31,14 +31,17 @@ def decode_loop(
     stop_ids: jax.Array,  # i32[b, S], -1 = unused slot
     capacity: int,
     top_k_cap: int = TOP_K_CAP,
+    loops: int = 2,
 ):
     """Generate up to budget[i] tokens for row i. Returns (tokens [b, capacity], counts [b],
     state, logits [b, V], finished [b]). Row i's new tokens are tokens[i, :counts[i]], stop token
     included. A row is active while it has not finished and has budget left; inactive rows are
     frozen (state and logits unchanged), and the loop exits once no row is active.
 
-    Greedy-only calls run a loop without any sampling work: the choice is made once per call
-    (on GPU a per-iteration predicate costs a host sync), as is the sampler's sort/no-sort path.
+    Greedy-only calls do no sampling work. loops=2: two loops, the choice made once per call
+    (on GPU a per-iteration predicate costs a host sync); loops=1: one loop whose step makes the
+    choice (cheap on the host, and the model's step is compiled once). The sampler's sort/no-sort
+    path is decided once per call either way.
     """
     b = logits.shape[0]
     budget = jnp.clip(budget, 0, capacity)
@@ -71,9 +74,12 @@ def decode_loop(
     def sampled(logits, i):
         return sample(logits, step_keys(keys, steps + i), *sampling, sort, any_top_k, top_k_cap)
 
-    # The loop carries one buffer per layer (updated in place); stacked only at the boundary.
     init = (jnp.int32(0), out, counts, model.loop_carry(state), logits, finished)
     any_sampled = jnp.any((sampling.temperature > 0) & ~finished & (budget > 0))
-    _, out, counts, carry, logits, finished = jax.lax.cond(
-        any_sampled, make_loop(sampled), make_loop(lambda logits, i: greedy(logits)), init)
+    if loops == 1:
+        choose = lambda logits, i: jax.lax.cond(any_sampled, sampled, lambda lg, _: greedy(lg), logits, i)  # noqa: E731
+        _, out, counts, carry, logits, finished = make_loop(choose)(init)
+    else:
+        _, out, counts, carry, logits, finished = jax.lax.cond(
+            any_sampled, make_loop(sampled), make_loop(lambda logits, i: greedy(logits)), init)
     return out, counts, model.state_dict(carry), logits, finished

@@ -54,7 +54,8 @@ class ModelFunctions:
                temperature, top_k, top_p, min_p, stop_ids):
         sampling = Sampling(temperature, top_k, top_p, min_p)
         return decode_loop(self.model(params), state, logits, finished, budget, steps, keys,
-                           sampling, stop_ids, capacity=self.limits.decode_block, top_k_cap=self.top_k_cap)
+                           sampling, stop_ids, capacity=self.limits.decode_block, top_k_cap=self.top_k_cap,
+                           loops=self.numerics.decode_loops)
 
     # Argument specs, with symbolic batch `b` and prompt length `t` where given as strings.
     def prefill_args(self, b="b", t="t"):

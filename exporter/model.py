@@ -14,6 +14,7 @@ from flax import nnx
 from exporter.config import Mamba2Config
 from exporter.numerics import Numerics, reference
 from exporter.ssd import ssd_chunked, ssd_step
+from exporter.state import conv_key, empty_state, ssm_key
 
 F32 = jnp.float32
 
@@ -242,13 +243,12 @@ class Mamba2LM(nnx.Module):
         valid = jnp.arange(t)[None, :] < lengths[:, None]  # [b, t]
         tokens = jnp.where(valid, tokens, 0)  # padding never reaches the embedding (ids may be out of range)
         resid = self.backbone.embeddings(tokens).astype(F32)  # [b, t, d]
-        hidden, convs, ssms = [], [], []
+        hidden, out = [], {}
         for i, layer in enumerate(self.backbone.layers):
-            resid, conv, ssm = layer(resid, valid, lengths, state["conv"][i], state["ssm"][i])
+            resid, out[conv_key(i)], out[ssm_key(i)] = layer(
+                resid, valid, lengths, state[conv_key(i)], state[ssm_key(i)])
             hidden.append(resid)
-            convs.append(conv)
-            ssms.append(ssm)
-        return resid, hidden, {"conv": jnp.stack(convs), "ssm": jnp.stack(ssms)}  # [L, b, ...]
+        return resid, hidden, out
 
     def prefill(self, state, tokens, lengths):
         """state (zeros: fresh rows); tokens [b, t] right-padded; lengths [b] in [0, t]. Returns
@@ -261,8 +261,6 @@ class Mamba2LM(nnx.Module):
 
     def forward(self, tokens):
         """All-position logits [b, t, V] and each layer's output residual (tests and verify)."""
-        from exporter.state import empty_state
-
         b, t = tokens.shape
         state = empty_state(self.cfg, b, self.dtype)
         resid, hidden, state = self._run_layers(state, tokens, jnp.full((b,), t, jnp.int32))
@@ -270,18 +268,18 @@ class Mamba2LM(nnx.Module):
 
     # -- the decode loop's protocol --------------------------------------------------------------
     def loop_carry(self, state):
-        """The state as one buffer per layer: the loop updates each in place (restacking [L, ...]
-        arrays every token cost XLA a full state copy per step)."""
-        return {"conv": list(state["conv"]), "ssm": list(state["ssm"])}
+        """The state as the loop carries it: already one buffer per layer, updated in place."""
+        return dict(state)
 
     def state_dict(self, carry):
-        return {"conv": jnp.stack(carry["conv"]), "ssm": jnp.stack(carry["ssm"])}
+        return dict(carry)
 
     def step(self, tokens, carry, active):
         """tokens [b], carry from loop_carry, active [b] bool -> (logits [b, V], carry): one O(1)
         recurrent step through every layer; inactive rows keep their state."""
         resid = self.backbone.embeddings(tokens).astype(F32)  # [b, d]
-        convs, ssms = list(carry["conv"]), list(carry["ssm"])
+        carry = dict(carry)
         for i, layer in enumerate(self.backbone.layers):
-            resid, convs[i], ssms[i] = layer.step(resid, convs[i], ssms[i], active)
-        return self.logits(resid), {"conv": convs, "ssm": ssms}
+            resid, carry[conv_key(i)], carry[ssm_key(i)] = layer.step(
+                resid, carry[conv_key(i)], carry[ssm_key(i)], active)
+        return self.logits(resid), carry

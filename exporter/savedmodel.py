@@ -48,7 +48,7 @@ from exporter.config import Mamba2Config
 from exporter.functions import ModelFunctions
 from exporter.params import param_shapes
 from exporter.sampling import RNG_IMPL
-from exporter.state import empty_state
+from exporter.state import empty_state, stack_layers
 
 SIGNATURES = ("serving_default", "generate", "sample", "prefill")
 GENERATE_INPUTS = ("tokens", "lengths", "max_new_tokens")
@@ -98,7 +98,8 @@ def generate_fn(fns: ModelFunctions):
 def prefill_fn(fns: ModelFunctions):
     def run(params, tokens, lengths):
         logits, state = fns.prefill(params, empty_state(fns.cfg, tokens.shape[0], fns.dtype), tokens, lengths)
-        return {"logits": logits, "cache_conv": state["conv"], "cache_ssm": state["ssm"]}
+        stacked = stack_layers(state)  # one [L, b, ...] array per kind for TF callers
+        return {"logits": logits, "cache_conv": stacked["conv"], "cache_ssm": stacked["ssm"]}
 
     return run
 

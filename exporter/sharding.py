@@ -12,7 +12,7 @@ Layout (heads split across devices):
   * out_proj.weight [d, intermediate]: input columns split (XLA all-reduces the partial sums);
   * embeddings.weight and lm_head.weight [vocab, d]: split over the vocabulary;
   * the block norms, norm_f and out_proj.bias: replicated (tiny);
-  * cache: ssm [L, b, heads, P, N] on the heads axis, conv [L, b, K-1, conv_dim] on channels.
+  * state: each layer's ssm [b, heads, P, N] on the heads axis, conv [b, K-1, conv_dim] on channels.
 A dimension that is not divisible by N falls back to replicated; the manifest then records
 that tensor as replicated (all-null spec) and `ShardingPlan.fallbacks` says why.
 
@@ -54,8 +54,8 @@ _WEIGHT_RULES: tuple[tuple[re.Pattern, int], ...] = tuple((re.compile(p), d) for
     (r"\.mixer\.norm\.weight$", 0),  # [intermediate]
     (r"\.mixer\.out_proj\.weight$", 1),  # [d, intermediate]: rows reduced across devices
 ))
-# Cache arrays: the dim split (ssm: heads; conv: channels).
-_CACHE_RULES = {"ssm": 2, "conv": 3}
+# State leaves ("ssm.i", "conv.i"): the dim split (ssm: heads; conv: channels).
+_CACHE_RULES = {"ssm": 1, "conv": 2}
 
 Spec = tuple[str | None, ...]
 
@@ -66,7 +66,7 @@ class ShardingPlan:
 
     devices: int
     weights: dict[str, Spec]  # HF name -> one entry per dim: AXIS or None
-    cache: dict[str, Spec]  # "conv" / "ssm" -> spec
+    cache: dict[str, Spec]  # state leaf ("conv.i" / "ssm.i") -> spec
     fallbacks: tuple[str, ...]  # "name [shape]: dim k (n) not divisible by N", replicated instead
 
     def mesh(self) -> AbstractMesh:
@@ -114,15 +114,17 @@ def plan(cfg: Mamba2Config, devices: int, dtype=jax.numpy.float32) -> ShardingPl
     fallbacks: list[str] = []
     weights = {name: _split(name, s.shape, weight_dim(name), devices, fallbacks)
                for name, s in param_shapes(cfg, dtype).items()}
-    cache = {name: _split(f"cache.{name}", s.shape, _CACHE_RULES[name], devices, fallbacks,
-                          "[" + ", ".join(str(d) if i != 1 else "b" for i, d in enumerate(s.shape)) + "]")
-             for name, s in state_shapes(cfg, 1, dtype).items()}  # dim 1 (batch) is never split
+    cache = {name: _split(f"state.{name}", s.shape, _CACHE_RULES[name.split(".")[0]], devices, fallbacks,
+                          "[" + ", ".join(str(d) if i else "b" for i, d in enumerate(s.shape)) + "]")
+             for name, s in state_shapes(cfg, 1, dtype).items()}  # dim 0 (batch) is never split
     return ShardingPlan(int(devices), weights, cache, tuple(fallbacks))
 
 
 def fallback_summary(p: ShardingPlan) -> list[str]:
     """Fallbacks with layer indices folded (`layers.*`), one line per distinct tensor."""
-    return list(dict.fromkeys(re.sub(r"\.layers\.\d+\.", ".layers.*.", f) for f in p.fallbacks))
+    folded = (re.sub(r"^state\.(conv|ssm)\.\d+ ", r"state.\1.* ", re.sub(r"\.layers\.\d+\.", ".layers.*.", f))
+              for f in p.fallbacks)
+    return list(dict.fromkeys(folded))
 
 
 def function_shardings(p: ShardingPlan, name: str) -> tuple[tuple, tuple]:

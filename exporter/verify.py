@@ -83,8 +83,10 @@ def verify(loaded: LoadedModel, steps: int = 64, seed: int = 0) -> VerifyReport:
     la_abs, la_rel = _diff(logits_a[:n], logits_b[:n])
     toks_a, toks_b = np.asarray(out_a[0])[:n, :steps], np.asarray(out_b[0])[:n, :steps]
     disagree = np.nonzero((toks_a != toks_b).any(axis=0))[0]
-    cache_diffs = [_diff(np.asarray(a)[:, :n], np.asarray(b)[:, :n])
-                   for a, b in zip(jax.tree.leaves(out_a[2]), jax.tree.leaves(out_b[2]))]
+    layout = loaded.state_layout  # the prompts' rows of every state leaf, along its batch axis
+    rows = lambda a, leaf: np.take(np.asarray(a), np.arange(n), axis=leaf.axis)  # noqa: E731
+    cache_diffs = [_diff(rows(a, leaf), rows(b, leaf))
+                   for leaf, a, b in zip(layout.leaves, layout.flat(out_a[2]), layout.flat(out_b[2]))]
     return VerifyReport(
         prompt_lengths=lengths, steps=steps, logits_max_abs=la_abs, logits_max_rel=la_rel,
         tokens_agree=disagree.size == 0,

@@ -10,7 +10,7 @@ from runtime.errors import (
     WeightsError,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 def __getattr__(name: str):

@@ -1,6 +1,9 @@
-"""Regenerate the compatibility fixture `tests/fixtures/tiny-cpu-v1/`.
+"""Write a compatibility fixture of this version's artifact format (`tests/fixtures/tiny-cpu-v2/`).
 
-    .venv/bin/python scripts/make_fixture.py [--out tests/fixtures/tiny-cpu-v1]
+    .venv/bin/python scripts/make_fixture.py [--out tests/fixtures/tiny-cpu-v2]
+
+Fixtures of earlier formats (tiny-cpu-v1: schema 1, made by 0.1.0) are kept as they were made,
+never regenerated: later versions must keep loading them.
 
 It holds what this version of mamba2-aot produces for a tiny model, so that later versions can
 check they still load it (or refuse it with a clear message):
@@ -32,13 +35,13 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = REPO / "tests" / "fixtures" / "tiny-cpu-v1"
+DEFAULT_OUT = REPO / "tests" / "fixtures" / "tiny-cpu-v2"
 
-NAME = "tiny-cpu-v1"
-# Tiny on purpose: the whole fixture is ~150 kB. Mamba2Config keyword arguments.
+# Tiny on purpose: the whole fixture is ~150 kB. Mamba2Config keyword arguments (and the name:
+# the output directory's).
 CONFIG = dict(hidden_size=32, num_hidden_layers=2, vocab_size=64, state_size=16, head_dim=16,
-              chunk_size=8, name=NAME)
-LIMITS = dict(max_batch=2, max_prompt_tokens=16, max_new_tokens=8, max_stop_tokens=2)
+              chunk_size=8)
+LIMITS = dict(max_batch=2, max_prompt_tokens=16, max_new_tokens=8, max_stop_tokens=2, decode_block=8)
 SEED = 1234
 # A ragged batch: the first prompt crosses the chunk size (8), the second does not.
 PROMPTS = [[5, 17, 3, 40, 41, 9, 22, 60, 2, 33, 11], [7, 1, 30]]
@@ -93,10 +96,10 @@ def build(out: Path) -> dict:
     from exporter.functions import Limits, ModelFunctions
     from exporter.params import bind
 
-    cfg = Mamba2Config(**CONFIG)
+    cfg = Mamba2Config(**CONFIG, name=out.name)
     os.environ.setdefault("MAMBA2_AOT_CACHE_DIR", tempfile.mkdtemp(prefix="mamba2-aot-cache-"))
     with tempfile.TemporaryDirectory() as tmp:
-        stage = Path(tmp) / NAME
+        stage = Path(tmp) / out.name
         stage.mkdir()
         manifest = write_artifact(ModelFunctions(cfg, jnp.float32, Limits(**LIMITS)), ("cpu",),
                                   stage / "artifact", force=False)
@@ -108,7 +111,7 @@ def build(out: Path) -> dict:
         (stage / "weights" / "config.json").write_text(json.dumps(hf_config(cfg), indent=2) + "\n")
 
         model = runtime.load(stage / "artifact", stage / "weights")
-        tokens = model.generate(PROMPTS, MAX_NEW_TOKENS, stop=[])
+        tokens = model.generate(PROMPTS, MAX_NEW_TOKENS, stop=[], ignore_eos=True)
 
         # Cross-check against the live model: teacher-forced logits pick the same tokens.
         live = bind(cfg, {k: jnp.asarray(v) for k, v in weights.items()})
@@ -124,6 +127,7 @@ def build(out: Path) -> dict:
             "prompts": PROMPTS,
             "max_new_tokens": MAX_NEW_TOKENS,
             "stop": [],
+            "ignore_eos": True,
             "sampling": "greedy",
             "tokens": tokens,
             "min_logit_margin": round(margin, 4),

@@ -1,4 +1,4 @@
-"""Smoke test of scripts/bench.py: a --quick run writes its JSON, table and plot (no timing checks)."""
+"""Smoke tests of the benchmarks: a --quick run writes its JSON, table and plot (no timing checks)."""
 
 from __future__ import annotations
 
@@ -40,6 +40,7 @@ def test_bench_quick(tmp_path):
         assert system["position"]["positions"][-1] == 256
         if name != "hostloop":
             assert system["prefill"]["128"]["tok_s"] > 0
+    assert set(res["systems"]["runtime"]["decode_sampled"]) == {"temperature", "top_k", "top_p"}
     for key in ("gb_s", "numpy_1thread_gb_s", "xla_matvec_gb_s"):
         assert res["roofline"]["bandwidth"][key] > 0
     assert res["roofline"]["gemm"]["gflop_s"] > 0
@@ -50,3 +51,17 @@ def test_bench_quick(tmp_path):
     assert "prefill T=128" in measures and "decode B=1 n=16" in measures
     assert any(row["status"] in ("met", "not met") for row in res["table"])
     assert "runtime" in (out / "bench-table.txt").read_text()
+
+
+def test_bench_state_quick(tmp_path):
+    out = tmp_path / "state"
+    env = {**os.environ, "MAMBA2_AOT_CACHE_DIR": str(tmp_path / "xla-cache")}
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_state.py"), "--quick", "--long", "700",
+                           "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((out / "state.json").read_text())
+    turns = res["multi_turn"]["turns"]
+    assert len(turns) == 3 and all(t["same_tokens"] for t in turns)
+    assert res["multi_turn"]["cache"]["hits"] == 2  # turns 2 and 3 continue from the cache
+    assert res["long_prompts"][0]["tokens"] == 700 and res["long_prompts"][0]["peak_rss_mib"] > 0
+    assert "time to first token" in proc.stdout

@@ -118,7 +118,7 @@ def test_exported_bit_exact_in_fresh_process_without_model_code(tiny, tmp_path):
             got = {k: f[k] for k in f.files}
         assert_trees_equal(got, want)
     # The decode outputs are (tokens, counts, cache, logits, finished), each bit-exact.
-    assert set(live["decode-sampled"]) == {"0", "1", "2/conv", "2/ssm", "3", "4"}
+    assert set(live["decode-sampled"]) == {"0", "1", "3", "4"} | {f"2/{k}.{i}" for k in ("conv", "ssm") for i in range(2)}
     assert not np.array_equal(live["decode-sampled"]["0"], live["decode-greedy"]["0"])
 
 
@@ -132,8 +132,9 @@ def test_one_artifact_serves_many_batch_sizes_and_prompt_lengths(tiny):
     assert sig["prefill"]["tokens"] == ["b", "t"] and sig["prefill"]["lengths"] == ["b"]
     assert sig["decode"]["logits"] == ["b", V] and sig["decode"]["keys"] == ["b", 2]
     outs = {t["name"]: t["shape"] for t in manifest["functions"]["decode"]["outputs"]}
-    assert outs["tokens"] == ["b", TINY_LIMITS.decode_block] and outs["state/ssm"][1] == "b"
-    assert sig["prefill"]["state/ssm"][1] == "b" and manifest["semantics_version"] == 2
+    assert outs["tokens"] == ["b", TINY_LIMITS.decode_block] and outs["state/ssm.1"][0] == "b"
+    assert sig["prefill"]["state/ssm.0"] == ["b", 8, 16, 16] and sig["prefill"]["state/conv.1"] == ["b", 3, 160]
+    assert manifest["semantics_version"] == 2
 
     prefill, decode = deserialize(tiny.path, "prefill"), deserialize(tiny.path, "decode")
     assert [str(d) for d in prefill.in_avals[-2].shape] == ["b", "t"]  # tokens
@@ -154,10 +155,10 @@ def test_one_artifact_serves_many_batch_sizes_and_prompt_lengths(tiny):
         got = flatten(prefill(tiny.params, fresh, tokens, lengths))
         want = flatten(live_prefill(tiny.params, fresh, tokens, lengths))
         assert_trees_equal(got, want)
-        assert got["0"].shape == (b, V) and got["1/ssm"].shape[1] == b
+        assert got["0"].shape == (b, V) and got["1/ssm.0"].shape[0] == b
         caches[b] = want
     for b, flat in sorted(caches.items()):
-        args = decode_args({"conv": flat["1/conv"], "ssm": flat["1/ssm"]}, flat["0"], budget=9,
+        args = decode_args({k[2:]: v for k, v in flat.items() if k.startswith("1/")}, flat["0"], budget=9,
                            keys=row_keys(b, b), temperature=1.0, top_k=30)
         got, want = flatten(decode(tiny.params, *args)), flatten(live_decode(tiny.params, *args))
         assert_trees_equal(got, want)
@@ -213,9 +214,9 @@ def test_stop_token_ends_rows_and_the_loop(tiny):
     assert max(k0, k1) + 1 < cap
     _, short_counts, short_cache, short_lg, short_fin = run([], budget=[k0 + 1, k1 + 1, 0, 0])
     assert short_counts.tolist() == [k0 + 1, k1 + 1] and short_fin.tolist() == [False, False]
-    assert_trees_equal({k: v[:, :2] for k, v in cache.items()}, {k: v[:, :2] for k, v in short_cache.items()})
+    assert_trees_equal({k: v[:2] for k, v in cache.items()}, {k: v[:2] for k, v in short_cache.items()})
     assert np.array_equal(lg, short_lg)
-    assert not np.array_equal(cache["ssm"], free_cache["ssm"])  # the full run went further
+    assert not np.array_equal(cache["ssm.0"], free_cache["ssm.0"])  # the full run went further
 
 
 # ------------------------------------------------------------------ presets for accelerators

@@ -1,8 +1,9 @@
-"""The committed artifact `tests/fixtures/tiny-cpu-v1/` (written by scripts/make_fixture.py with
-mamba2-aot 0.1.0) keeps loading and generating the same greedy tokens with the current runtime,
-or, where it cannot (this jax is outside its compatibility window, this machine is not cpu),
-is refused with a clear CompatibilityError. Never regenerate it to make this test pass: a
-failure here means artifacts users already have would break.
+"""The committed artifacts `tests/fixtures/tiny-cpu-v1/` (schema 1, written by
+scripts/make_fixture.py with mamba2-aot 0.1.0) and `tiny-cpu-v2/` (schema 2, 0.2.0) keep loading
+and generating the same greedy tokens with the current runtime, or, where they cannot (this jax
+is outside their compatibility window, this machine is not cpu), are refused with a clear
+CompatibilityError. Never regenerate them to make this test pass: a failure here means
+artifacts users already have would break.
 """
 
 from __future__ import annotations
@@ -25,9 +26,14 @@ from test_errors_api import isolated_compile_cache  # noqa: F401
 from test_errors_cli import cli
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURE = Path(__file__).resolve().parent / "fixtures" / "tiny-cpu-v1"
-ARTIFACT, WEIGHTS = FIXTURE / "artifact", FIXTURE / "weights"
-EXPECTED = json.loads((FIXTURE / "expected.json").read_text())
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+@pytest.fixture(params=["tiny-cpu-v1", "tiny-cpu-v2"])
+def fixture(request):
+    """(artifact dir, weights dir, expected.json) of one committed fixture."""
+    root = FIXTURES / request.param
+    return root / "artifact", root / "weights", json.loads((root / "expected.json").read_text())
 
 
 def _runnable_here(manifest) -> str | None:
@@ -39,7 +45,9 @@ def _runnable_here(manifest) -> str | None:
     return None
 
 
-def test_fixture_is_intact_and_small():
+def test_fixture_is_intact_and_small(fixture):
+    ARTIFACT, WEIGHTS, EXPECTED = fixture
+    FIXTURE = ARTIFACT.parent
     manifest = read_manifest(ARTIFACT)
     verify_files(ARTIFACT, manifest)
     assert manifest.platforms == ("cpu",) and manifest.dtype == "float32"
@@ -48,7 +56,8 @@ def test_fixture_is_intact_and_small():
     assert size < 300_000, size
 
 
-def test_fixture_generates_expected_tokens():
+def test_fixture_generates_expected_tokens(fixture):
+    ARTIFACT, WEIGHTS, EXPECTED = fixture
     manifest = read_manifest(ARTIFACT)
     why = _runnable_here(manifest)
     if why is not None:
@@ -64,27 +73,41 @@ def test_fixture_generates_expected_tokens():
         return
     model = runtime.load(ARTIFACT, WEIGHTS)
     assert model.limits["vocab_size"] == manifest.limits.vocab_size
-    tokens = model.generate(EXPECTED["prompts"], EXPECTED["max_new_tokens"], stop=EXPECTED["stop"])
+    # (0.1.0 had no default eos stop: ignore_eos asks for exactly what it generated)
+    tokens = model.generate(EXPECTED["prompts"], EXPECTED["max_new_tokens"], stop=EXPECTED["stop"],
+                            ignore_eos=True)
     assert tokens == EXPECTED["tokens"]
+    # What a schema-1 artifact cannot do is refused in one line; a schema-2 one carries states.
+    if manifest.semantics_version == 1:
+        with pytest.raises(runtime.RequestError, match="re-export"):
+            model.complete(EXPECTED["prompts"], 2, return_states=True)
+        with pytest.raises(runtime.RequestError, match="one set of sampling settings per batch"):
+            model.generate(EXPECTED["prompts"], 2, temperature=[0.0, 0.5])
+    else:
+        first, rest = EXPECTED["prompts"][0][:4], EXPECTED["prompts"][0][4:]
+        state = model.prefill_state(first)
+        assert model.generate([rest], EXPECTED["max_new_tokens"], states=[state], ignore_eos=True) == \
+            [EXPECTED["tokens"][0]]
 
 
-def test_refusal_branch_under_a_future_jax(monkeypatch):
+def test_refusal_branch_under_a_future_jax(monkeypatch, fixture):
     """What a jax past the fixture's window sees: the refusal branch above, exercised today."""
-    manifest = read_manifest(ARTIFACT)
+    manifest = read_manifest(fixture[0])
     monkeypatch.setattr(jax, "__version__", f"{int(manifest.compatibility.jax_max_exclusive.split('.')[0]) + 1}.0.0")
     assert _runnable_here(manifest) == "jax"
-    test_fixture_generates_expected_tokens()
+    test_fixture_generates_expected_tokens(fixture)
 
 
-def test_fixture_through_cli(capfd):
+def test_fixture_through_cli(capfd, fixture):
+    ARTIFACT, WEIGHTS, EXPECTED = fixture
     manifest = read_manifest(ARTIFACT)
     if _runnable_here(manifest) is not None:
         pytest.skip("the fixture cannot run here (test_fixture_generates_expected_tokens checks the refusal)")
-    # The CLI stops at the model's eos by default: name a stop id that none of the rows produce.
+    # The CLI stops at the model's eos by default: --ignore-eos, and a stop id no row produces.
     stop = next(i for i in range(manifest.limits.vocab_size) if all(i not in row for row in EXPECTED["tokens"]))
     args = [a for p in EXPECTED["prompts"] for a in ("--prompt-ids", ",".join(map(str, p)))]
     code, out, err = cli(capfd, "generate", ARTIFACT, "--weights", WEIGHTS, *args, "--max-new-tokens",
-                         EXPECTED["max_new_tokens"], "--stop-id", stop, "--json")
+                         EXPECTED["max_new_tokens"], "--stop-id", stop, "--ignore-eos", "--json")
     assert code == 0, err
     assert json.loads(out) == {"tokens": EXPECTED["tokens"]}
 
@@ -96,8 +119,9 @@ def _script():
     return module
 
 
-def test_script_describes_the_fixture():
+def test_script_describes_the_fixture(fixture):
     """scripts/make_fixture.py still makes this fixture: same model, limits, prompts, weights."""
+    ARTIFACT, WEIGHTS, EXPECTED = fixture
     script = _script()
     manifest = read_manifest(ARTIFACT)
     config = manifest.model["config"]

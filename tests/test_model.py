@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from exporter.config import PRESETS, Mamba2Config, load_config
 from exporter.params import bind, count_params, param_shapes
-from exporter.state import empty_state, state_shapes
+from exporter.state import empty_state, stack_layers, state_shapes
 
 
 def rel_diff(ours, theirs) -> float:
@@ -77,10 +77,12 @@ def test_chunked_prefill_equals_recurrence(recur, fast_jit, length, chunk, seed,
     cfg = dataclasses.replace(stepper.cfg, chunk_size=chunk)
     tokens = np.random.default_rng(seed).integers(0, cfg.vocab_size, (1, length))
     last, cache = _prefill(fast_jit, cfg, params, tokens)
+    cache = stack_layers(cache)
 
     step_cache = stepper.empty_state(1)
     for t in range(length):
         logits, step_cache = stepper.step(tokens[:, t], step_cache)
+    step_cache = stack_layers(step_cache)
 
     assert rel_diff(last, logits) < 1e-4
     assert cache["conv"].dtype == step_cache["conv"].dtype and cache["ssm"].dtype == jnp.float32
@@ -99,14 +101,15 @@ def test_ragged_batch_equals_each_prompt_alone(tiny_hf):
     rng = np.random.default_rng(5)
     # Padding holds random tokens, not pad ids: it must be ignored whatever it is.
     batch = rng.integers(0, cfg.vocab_size, (len(lengths), max(lengths)))
-    logits, cache = runner.prefill(batch, lengths)
+    logits, state = runner.prefill(batch, lengths)
+    cache = stack_layers(state)
     assert logits.shape == (len(lengths), cfg.vocab_size)
     assert cache["conv"].shape[1] == cache["ssm"].shape[1] == len(lengths)
 
     # Then a few decode steps in the batch, row by row against decoding alone.
     n_steps = 4
     next_tokens = rng.integers(0, cfg.vocab_size, (n_steps, len(lengths)))
-    batch_steps, c = [], cache
+    batch_steps, c = [], state
     for s in range(n_steps):
         lg, c = runner.step(next_tokens[s], c)
         batch_steps.append(np.asarray(lg))
@@ -116,11 +119,12 @@ def test_ragged_batch_equals_each_prompt_alone(tiny_hf):
             assert not np.any(np.asarray(cache["conv"][:, i])) and not np.any(np.asarray(cache["ssm"][:, i]))
             continue
         alone_logits, alone = runner.prefill(batch[i : i + 1, :n])
+        alone_state, alone = alone, stack_layers(alone)
         assert rel_diff(logits[i], alone_logits[0]) < 1e-5, f"row {i}"
         assert rel_diff(cache["conv"][:, i], alone["conv"][:, 0]) < 1e-5, f"row {i}"
         assert rel_diff(cache["ssm"][:, i], alone["ssm"][:, 0]) < 1e-5, f"row {i}"
         for s in range(n_steps):
-            lg, alone = runner.step(next_tokens[s, i : i + 1], alone)
+            lg, alone_state = runner.step(next_tokens[s, i : i + 1], alone_state)
             assert rel_diff(batch_steps[s][i], lg[0]) < 1e-5, f"row {i} step {s}"
 
 
@@ -159,8 +163,8 @@ def _abstract_prefill_and_step(cfg: Mamba2Config, dtype=jnp.float32, t: int = 64
                                    state_shapes(cfg, 2, dtype), tok, lengths)
     want = state_shapes(cfg, 2, dtype)
     assert logits.shape == (2, cfg.vocab_size) and logits.dtype == jnp.float32
-    assert (cache["conv"].shape, cache["conv"].dtype) == (want["conv"].shape, want["conv"].dtype)
-    assert (cache["ssm"].shape, cache["ssm"].dtype) == (want["ssm"].shape, jnp.float32)
+    assert jax.tree.map(lambda a: (a.shape, a.dtype), cache) == jax.tree.map(lambda a: (a.shape, a.dtype), want)
+    assert cache["ssm.0"].dtype == jnp.float32 and cache["conv.0"].shape == (2, cfg.conv_kernel - 1, cfg.conv_dim)
     return shapes, cache
 
 
@@ -252,9 +256,11 @@ def test_bfloat16_mode(tiny_hf, jax_runner, load_checkpoint):
     tokens = np.random.default_rng(11).integers(0, cfg.vocab_size, 40).tolist()
 
     logits, cache = bf16.prefill(tokens)
+    cache = stack_layers(cache)
     assert logits.dtype == jnp.float32
     assert cache["ssm"].dtype == jnp.float32 and cache["conv"].dtype == jnp.bfloat16
     fp32_logits, fp32_cache = tiny_hf.runner.prefill(tokens)
+    fp32_cache = stack_layers(fp32_cache)
     assert rel_diff(logits, fp32_logits) < BF16_LOGITS_RTOL
     assert rel_diff(cache["ssm"], fp32_cache["ssm"]) < BF16_LOGITS_RTOL
 

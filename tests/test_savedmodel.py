@@ -25,7 +25,7 @@ import pytest
 
 from exporter.config import Mamba2Config
 from exporter.functions import Limits, ModelFunctions
-from exporter.state import empty_state
+from exporter.state import empty_state, stack_layers
 from runtime.errors import ExportError
 
 pytestmark = pytest.mark.skipif(
@@ -256,6 +256,7 @@ def test_prefill_matches_jax(exported):
     fns = ModelFunctions(exported.cfg, jnp.float32, LIMITS)
     tokens, lengths = _pad([exported.prompts[i] for i in SUBSET])  # [3, 11]
     logits, cache = jax.jit(fns.prefill)(exported.params, empty_state(CFG, 3), tokens, lengths)
+    cache = stack_layers(cache)
     a = exported.tf_arrays
     for got, want in ((a["prefill/logits"], logits), (a["prefill/cache_conv"], cache["conv"]),
                       (a["prefill/cache_ssm"], cache["ssm"])):

@@ -172,7 +172,9 @@ def test_manifest_records_mesh_and_shardings(artifacts):
         layer + "norm.weight": [None], "backbone.norm_f.weight": [None],
     }
     assert {k: w[k] for k in expected} == expected
-    assert m.mesh.cache_shardings == {"conv": [None, None, None, "model"], "ssm": [None, None, "model", None, None]}
+    state = m.raw["mesh"]["cache_shardings"]  # every layer's leaves, split like layer 0's
+    assert state["conv.0"] == [None, None, "model"] and state["ssm.0"] == [None, "model", None, None]
+    assert all(v == state[k.split(".")[0] + ".0"] for k, v in state.items())
     for rel in m.files:
         assert jax.export.deserialize(bytearray((artifacts[4] / rel).read_bytes())).nr_devices == 4
     assert "tensor parallel over 4 devices (mesh model=4)" in artifacts["cli"][4]
@@ -214,11 +216,11 @@ def test_indivisible_dims_fall_back_to_replicated():
     assert w["mixer.out_proj.weight"] == (None, AXIS)
     assert w["mixer.in_proj.weight"] == (None, None)
     assert w["mixer.dt_bias"] == w["mixer.A_log"] == w["mixer.D"] == (None,)
-    assert p.cache == {"conv": (None, None, None, AXIS), "ssm": (None,) * 5}
+    assert p.cache == {"conv.0": (None, None, AXIS), "ssm.0": (None,) * 4}
     assert p.manifest_record()["weight_shardings"]["backbone.layers.0.mixer.in_proj.weight"] == [None, None]
     summary = fallback_summary(p)
     assert "backbone.layers.*.mixer.in_proj.weight [304, 64]: dim 0 (304) is not divisible by 32" in summary
-    assert "cache.ssm [1, b, 16, 8, 16]: dim 2 (16) is not divisible by 32" in summary
+    assert "state.ssm.* [b, 16, 8, 16]: dim 1 (16) is not divisible by 32" in summary
     assert plan(cfg, 1).fallbacks == ()
 
 

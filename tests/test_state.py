@@ -16,7 +16,7 @@ import runtime
 from exporter.artifact import write_artifact
 from exporter.functions import ModelFunctions
 from exporter.memory import prefill_activation_bytes
-from exporter.state import empty_state
+from exporter.state import empty_state, stack_layers
 from fixtures_artifacts import (PROMPTS, TINY_CFG, aot_cache_env, last_json, run_cli, run_python,  # noqa: F401
                                 subprocess_env, tiny)
 from runtime.engine.requests import RowSettings
@@ -51,14 +51,16 @@ def long_model(long_art, tiny):
 
 
 def live_prefill_alone(tiny, tokens):
-    """The live model, one row, one prefill call from a fresh state: (logits [V], state)."""
+    """The live model, one row, one prefill call from a fresh state: (logits [V], {"conv", "ssm"}
+    stacked over layers, row 0)."""
     logits, state = tiny.live_prefill(tiny.params, empty_state(TINY_CFG, 1),
                                       np.asarray([tokens], np.int32), np.asarray([len(tokens)], np.int32))
-    return np.asarray(logits[0]), {k: np.asarray(v[:, 0]) for k, v in state.items()}
+    return np.asarray(logits[0]), {k: np.asarray(v[:, 0]) for k, v in stack_layers(state).items()}
 
 
-def leaves(state: State) -> dict:
-    return {"conv": np.asarray(state.leaves[0][:, 0]), "ssm": np.asarray(state.leaves[1][:, 0])}
+def leaves(model, state: State) -> dict:
+    """A State's arrays as {"conv", "ssm"} stacked over layers (its one row)."""
+    return {k: np.asarray(v[:, 0]) for k, v in stack_layers(model.state_layout.nest(state.leaves)).items()}
 
 
 # ------------------------------------------------------------------ correctness of the functions
@@ -74,7 +76,7 @@ def test_a_row_that_stops_early_is_frozen(tiny):
     assert out[0].finish_reason == "stop" and out[0].tokens[-1] == stop and len(out[0].tokens) < 32
     assert [c.finish_reason for c in out[1:]] == ["length", "length"]
     logits, want = live_prefill_alone(tiny, PROMPTS[0] + out[0].tokens)
-    got = leaves(out[0].state)
+    got = leaves(model, out[0].state)
     assert rel(got["ssm"], want["ssm"]) < 1e-4 and rel(got["conv"], want["conv"]) < 1e-5
     assert rel(out[0].state.logits[0], logits) < 1e-4
     assert out[0].state.num_tokens == len(PROMPTS[0]) + len(out[0].tokens)
@@ -111,6 +113,7 @@ def test_prefill_from_a_state_equals_prefill_of_the_concatenation(tiny):
         logits, state = tiny.live_prefill(tiny.params, mid, np.asarray([rest], np.int32),
                                           np.asarray([len(rest)], np.int32))
         want_logits, want = live_prefill_alone(tiny, full)
+        state = stack_layers(state)
         assert rel(logits[0], want_logits) < 1e-4, cut
         assert rel(state["ssm"][:, 0], want["ssm"]) < 1e-4 and rel(state["conv"][:, 0], want["conv"]) < 1e-5
     # Through the runtime: greedy continuations equal.
@@ -245,7 +248,7 @@ def test_long_prompts_are_prefilled_in_segments(long_model, tiny):
     for p, c in zip(prompts, got):
         logits, want = live_prefill_alone(tiny, p)  # one call, no segments
         assert c.tokens[0] == int(np.argmax(logits))
-        assert rel(leaves(c.state)["ssm"], live_prefill_alone(tiny, p + c.tokens)[1]["ssm"]) < 1e-4
+        assert rel(leaves(long_model, c.state)["ssm"], live_prefill_alone(tiny, p + c.tokens)[1]["ssm"]) < 1e-4
 
 
 _LONG_RSS = """
@@ -332,7 +335,7 @@ def test_manifest_and_inspect_state_the_semantics_and_memory(long_art):
     assert "per sequence whatever its length" in out and "no request allocates more than" in out
     info = json.loads(_inspect(long_art, "--json")[1])
     assert info["semantics_version"] == 2 and info["limits"]["decode_block"] == 16
-    # 2 layers x (conv window 3 x 160 channels + SSM state 8 heads x 16 x 16), float32
+    # 2 layers x (conv window 3 x 160 channels + SSM state 8 heads x 16 x 16), float32, one leaf each
     assert info["memory"]["state_bytes_per_sequence"] == 2 * (3 * 160 + 8 * 16 * 16) * 4
     assert info["model"]["numerics"]["cpu"]["chunk_size"] == 8
 
