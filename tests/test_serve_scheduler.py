@@ -174,6 +174,21 @@ def test_an_internal_error_fails_only_the_sequences_it_touched(model, scheduler)
     sched.submit(after)
     wait(after_seen)
     assert after_seen[0].tokens == model.generate([[9]], 6)[0] and sched.busy == 0
+    # A failure that also loses the slots' buffers (as a donated call would): a fresh pool.
+    def lose():
+        sched.pool.logits.delete()
+        return True
+    failures = iter([lose])
+    proxy.fail_decode = lambda: next(failures, lambda: False)()
+    lost, lost_seen = sequences(model, [9], 1, 6)
+    sched.submit(lost)
+    wait(lost_seen)
+    assert lost_seen[0].error == "internal"
+    again, again_seen = sequences(model, [8, 7], 1, 6, temperature=0.6, seed=1)
+    sched.submit(again)
+    wait(again_seen)
+    assert again_seen[0].tokens == model.generate([[8, 7]], 6, temperature=0.6, seed=1)[0]
+    assert sched.pool.intact()
 
 
 def test_the_queue_is_bounded(model, scheduler):

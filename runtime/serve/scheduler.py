@@ -246,6 +246,7 @@ class Scheduler:
                     if seq.slot is not None:
                         self._release(seq, Update([], error="internal", message="internal error in prefill"),
                                       keep_state=False)
+                self._check_pool()
         self._compact()
         if self._decoding():
             self._decode()
@@ -353,6 +354,7 @@ class Scheduler:
             for i in active:
                 self._release(self._occupant[i], Update([], error="internal", message="internal error in decode"),
                               keep_state=False)
+            self._check_pool()
             return
         for i in active:
             seq, c = self._occupant[i], int(counts[i])
@@ -389,6 +391,12 @@ class Scheduler:
         self._keys[i] = 0
         self._temperature[i], self._top_k[i], self._top_p[i], self._min_p[i] = 0.0, 0, 1.0, 0.0
         self._stop[i] = -1
+
+    def _check_pool(self) -> None:
+        """After a failed call: if it left the slots' buffers deleted, end every sequence in a
+        slot and start a fresh pool."""
+        if not self.pool.intact():
+            self._fail_all("internal", "internal error: the decode batch was lost")
 
     def _fail_all(self, error: str, message: str) -> None:
         """End every sequence holding a slot (after a failure that may have touched the pool)."""

@@ -73,6 +73,10 @@ class SlotPool:
             self.logits = _put_rows(self.logits, logits, jnp.arange(B, dtype=jnp.int32))
         return np.asarray(out), np.asarray(counts), np.asarray(fin)
 
+    def intact(self) -> bool:
+        """False when a failed call left donated (deleted) buffers behind: the pool is unusable."""
+        return not any(a.is_deleted() for a in [*self.layout.flat(self.state), self.logits])
+
     def warm(self) -> None:
         """Compile the scatter programs for every row count (the slots hold zeros: nothing changes)."""
         for k in range(1, self.n + 1):
