@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import jaxlib
 
 import runtime
-from runtime.tools.atomic import atomic_directory
+from runtime.tools.atomic import atomic_directory, write_file
 from runtime.format.integrity import file_record
 from runtime.format.manifest import FORMAT_NAME, SCHEMA_VERSION
 from runtime.tools.writers import write_manifest
@@ -37,11 +37,15 @@ def _pow2_buckets(lo: int, hi: int) -> list[int]:
 
 
 def compatibility_window(now: dt.datetime) -> dict:
-    """jax.export guarantees ~6 months of forward compatibility: we accept this minor and the next."""
+    """The jax versions the artifact may run on: from the exporting jax to the end of its minor
+    series, which is where the runtime's own pin ends (pyproject: jax<0.11 for jax 0.10; tested),
+    for at most 180 days. jax.export promises more (a newer jax for 6 months, a 3-weeks-older one),
+    but a runtime can only be installed with the jax its pin allows: a release that moves the pin
+    to the next minor re-exports, it does not trust a window it never tested."""
     major, minor = (int(x) for x in jax.__version__.split(".")[:2])
     return {
         "jax_min": jax.__version__.split("+")[0],
-        "jax_max_exclusive": f"{major}.{minor + 2}.0",
+        "jax_max_exclusive": f"{major}.{minor + 1}.0",
         "expires": (now + dt.timedelta(days=180)).date().isoformat(),
     }
 
@@ -115,7 +119,7 @@ def write_artifact(fns: ModelFunctions, platforms, out: Path, force: bool,
             calling_convention = max(calling_convention, exported.calling_convention_version)
             path = tmp / _rel(platform, name)
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(blob)
+            write_file(path, blob)
             files[_rel(platform, name)] = file_record(path)
             progress(platform, name, len(blob), seconds)
         manifest = build_manifest(fns, platforms, files, now, calling_convention, prefill_segment)

@@ -9,12 +9,12 @@ import click
 
 from runtime.errors import ExportError
 
-from runtime.format.manifest import Limits
+from runtime.format.manifest import PLATFORMS, Limits
 
 from exporter.artifact import PREFILL_SEGMENT
 from exporter.config import ConfigError, load_config
 from exporter.functions import ModelFunctions
-from exporter.lowering import PLATFORMS, resolve_dtype
+from exporter.lowering import resolve_dtype
 
 
 def _positive(ctx, param, value):
@@ -34,9 +34,9 @@ def _positive(ctx, param, value):
 @click.option("--format", "fmt", type=click.Choice(["jax", "savedmodel"]), default="jax", show_default=True,
               help="jax: jax.export artifact (weights are arguments). savedmodel: TF Serving SavedModel "
                    "through jax2tf (weights bound as variables).")
-@click.option("--weights", type=click.Path(path_type=Path),
-              help="With --format savedmodel: checkpoint to bind [default: the --model checkpoint dir, "
-                   "else seeded random].")
+@click.option("--weights",
+              help="With --format savedmodel: checkpoint to bind, or `random` for seeded random weights "
+                   "[default: the --model checkpoint dir].")
 @click.option("--version", "sm_version", default=1, show_default=True, callback=_positive, type=int,
               help="With --format savedmodel: the TF Serving version directory.")
 @click.option("--max-new-tokens", default=Limits.max_new_tokens, show_default=True, callback=_positive,
@@ -107,8 +107,9 @@ def export_command(model, platforms, out, dtype, fmt, weights, sm_version, max_n
 
 @click.command("verify")
 @click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("--weights", type=click.Path(path_type=Path),
-              help="HF checkpoint dir, .safetensors file or orbax checkpoint [default: seeded random].")
+@click.option("--weights", default="random", show_default=True,
+              help="HF checkpoint dir, .safetensors file or orbax checkpoint; `random`: seeded random "
+                   "weights (a comparison of the two paths needs no real ones).")
 @click.option("--steps", default=64, show_default=True, callback=_positive, type=int,
               help="Greedy decode steps to compare.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for prompts and random weights.")
@@ -118,11 +119,17 @@ def verify_command(artifact, weights, steps, seed, as_json):
     import dataclasses
     import json
 
+    import warnings
+
     from runtime.engine.model import load
+    from runtime.errors import Mamba2AOTWarning
+    from runtime.tools.generate_cmd import weights_arg
 
     from exporter.verify import verify
 
-    loaded = load(artifact, weights, seed=seed)
+    with warnings.catch_warnings():  # random weights are verify's default: the line below says so
+        warnings.filterwarnings("ignore", "using seeded random weights", Mamba2AOTWarning)
+        loaded = load(artifact, weights_arg(weights), seed=seed)
     if not as_json:
         click.echo(f"weights: {loaded.weights_source}")
     report = verify(loaded, steps=steps, seed=seed)

@@ -12,6 +12,7 @@ import math
 from typing import Any, Mapping
 
 from exporter.config import ConfigError, Mamba2Config, pad_vocab
+from runtime.format.weightspec import json_float as _number  # plain, "Infinity", or transformers 5's {"__float__": ...}
 
 # Keys that describe a file, not the model: accepted and ignored in every format.
 _METADATA_KEYS = frozenset({"architectures", "transformers_version", "torch_dtype", "dtype", "_name_or_path"})
@@ -59,15 +60,6 @@ def _bool(d: Mapping, key: str, default: Any = ..., *, prefix: str = "") -> bool
     if not isinstance(v, bool):
         raise ConfigError(f"{prefix}{key} must be true or false, got {v!r}")
     return v
-
-
-def _number(v) -> float:
-    """A number from JSON: plain, `Infinity`, "Infinity", or transformers 5's {"__float__": "Infinity"}."""
-    if isinstance(v, dict) and set(v) == {"__float__"}:
-        v = v["__float__"]
-    if isinstance(v, bool) or not isinstance(v, (int, float, str)):
-        raise ValueError(v)
-    return float(v)
 
 
 def _float(d: Mapping, key: str, default: float, *, prefix: str = "") -> float:

@@ -12,7 +12,6 @@ import jax.numpy as jnp
 from exporter.flatten import flatten_exported
 from exporter.functions import ARG_NAMES, ModelFunctions
 
-PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 FUNCTIONS = ("prefill", "decode")
 
 

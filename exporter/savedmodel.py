@@ -62,7 +62,7 @@ def _import_tf():
         from jax.experimental import jax2tf
     except ImportError as e:
         raise ExportError(f"the SavedModel export needs tensorflow ({e}): "
-                          "pip install 'mamba2-aot[export]'") from None
+                          "pip install 'mamba2-aot[export]'") from e
     return tf, jax2tf
 
 
@@ -258,7 +258,7 @@ def write_savedmodel(cfg: Mamba2Config, params: Mapping, out_dir: Path, version:
             tf.saved_model.save(module, os.fspath(tmp), signatures=signatures)
         except (tf.errors.OpError, ValueError) as e:
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ExportError(f"cannot write the SavedModel to {dest}: {msg}") from None
+            raise ExportError(f"cannot write the SavedModel to {dest}: {msg}") from e
         progress("save", time.perf_counter() - t0)
     return dest
 
@@ -270,7 +270,7 @@ def _tree_bytes(path: Path) -> int:
 def export_savedmodel(model: str, weights: str | None, out: Path, version: int, force: bool,
                       echo: Callable[[str], None] = print, *, dtype=None, limits: Limits | None = None,
                       platforms=("cpu",), seed: int = 0) -> Path:
-    """Load the config and weights (None: seeded random weights) and write the SavedModel.
+    """Load the config and weights ("random": seeded random weights) and write the SavedModel.
 
     `model` is a preset or HF checkpoint dir / config.json. Prints progress and a summary
     through `echo`; raises ExportError with a one-line message on bad input. Returns
@@ -293,15 +293,17 @@ def export_savedmodel(model: str, weights: str | None, out: Path, version: int, 
     dest = Path(out) / str(version)
     if dest.exists() and not force:  # before any slow work
         raise ExportError(f"{dest} already exists: pass --force to replace it, or use another version")
-    if weights is not None and not Path(weights).exists():
+    random = weights == "random"
+    if weights is None:
+        raise ExportError("a SavedModel binds its weights: pass --weights CHECKPOINT, or --weights random for "
+                          "seeded random weights")
+    if not random and not Path(weights).exists():
         raise ExportError(f"weights not found: {weights}")
     _import_tf()
-    if weights is None:
-        echo(f"no weights given: seeded random weights (seed {seed})")
-    else:
-        echo(f"weights: {weights}")
+    echo(f"warning: binding seeded random weights (seed {seed}), as asked: the outputs are meaningless"
+         if random else f"weights: {weights}")
     try:
-        params = load_params(cfg, None if weights is None else str(weights), dt, seed)
+        params = load_params(cfg, None if random else str(weights), dt, seed)
     except Mamba2AOTError as e:
         raise ExportError(str(e)) from None
     param_bytes = sum(int(v.nbytes) for v in params.values())

@@ -34,7 +34,19 @@ class ExportError(Mamba2AOTError):
     """Writing an artifact (or other output) failed, e.g. destination exists or is unwritable."""
 
 
+class Mamba2AOTWarning(RuntimeWarning):
+    """Something the user should know that does not stop the work (an expired artifact, random
+    weights, an unusable compile cache); also listed in `LoadedModel.warnings`."""
+
+
+def describe(e: BaseException) -> str:
+    """`Type: first line of the message` (at most 200 characters): a library's exception in a
+    one-line message that wraps it (raised `from e`, so the whole of it stays in the chain)."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
+
+
 __all__ = [
-    "Mamba2AOTError", "ArtifactError", "IntegrityError", "CompatibilityError",
+    "Mamba2AOTWarning", "describe", "Mamba2AOTError", "ArtifactError", "IntegrityError", "CompatibilityError",
     "WeightsError", "RequestError", "ExportError",
 ]

@@ -107,8 +107,7 @@ class Server:
         cmd = [sys.executable, "-m", "runtime.tools.cli", "serve", str(artifact), "--port", "0",
                "--slots", str(a.slots), "--block", str(a.block), "--prefill-chunk", str(a.prefill_chunk),
                "--max-queue", "1024"]
-        if a.weights is not None:
-            cmd += ["--weights", str(a.weights)]
+        cmd += ["--weights", str(a.weights) if a.weights is not None else "random"]
         self.args = cmd[3:]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
         self.log_path = log_path

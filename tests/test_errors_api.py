@@ -233,7 +233,7 @@ def test_artifact_cases(name, tmp_path, tmp_path_factory):
     case = ARTIFACT_CASES[name]
     art = broken_artifact(name, tmp_path, tmp_path_factory)
     with pytest.raises(case.exc) as e:
-        runtime.load(art)
+        runtime.load(art, "random")
     message = one_line(str(e.value))
     for needle in case.needles:
         assert needle in message, (needle, message)
@@ -243,7 +243,7 @@ def test_intact_copy_loads(tmp_path, tmp_path_factory):
     """The cases above start from an artifact that loads (so each failure is the case's own)."""
     art = tmp_path / "art"
     shutil.copytree(exported_artifact(tmp_path_factory), art)
-    model = runtime.load(art)
+    model = runtime.load(art, "random")
     assert model.limits["vocab_size"] == TINY_CFG.vocab_size
 
 
@@ -288,7 +288,7 @@ def test_fuzz_manifest_bytes_through_load(fuzz_dir, ops):
     original = (_EXPORTED["cpu"] / MANIFEST_NAME).read_bytes()
     (fuzz_dir / MANIFEST_NAME).write_bytes(_mutate(original, ops))
     try:
-        runtime.load(fuzz_dir)
+        runtime.load(fuzz_dir, "random")
     except Mamba2AOTError as e:
         one_line(str(e))
 
@@ -324,7 +324,7 @@ def test_fuzz_manifest_values_through_load(fuzz_dir, pick, value, delete):
         node[last] = value
     (fuzz_dir / MANIFEST_NAME).write_text(json.dumps(m))
     try:
-        runtime.load(fuzz_dir)
+        runtime.load(fuzz_dir, "random")
     except Mamba2AOTError as e:
         one_line(str(e))
 
@@ -348,7 +348,7 @@ def test_fuzz_module_bytes(fuzz_dir, rel, ops):
     if mutated == original:
         return
     with pytest.raises(IntegrityError) as err:
-        runtime.load(fuzz_dir)
+        runtime.load(fuzz_dir, "random")
     one_line(str(err.value))
 
 
@@ -483,7 +483,7 @@ REQUEST_CASES = [
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    return runtime.load(exported_artifact(tmp_path_factory))
+    return runtime.load(exported_artifact(tmp_path_factory), "random")
 
 
 @pytest.mark.parametrize("name, prompts, kw, needle", REQUEST_CASES, ids=[c[0] for c in REQUEST_CASES])

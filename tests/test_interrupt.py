@@ -81,7 +81,7 @@ def test_sigkill_mid_export(earlier, tmp_path, tmp_path_factory):
         manifest = read_manifest(dest)
         verify_files(dest, manifest)
         assert manifest.model["config"]["hidden_size"] == TINY_CFG.hidden_size  # not the 370m
-        runtime.load(dest)
+        runtime.load(dest, "random")
     else:  # no partial artifact at the destination
         assert not os.path.lexists(dest)
     # Only the killed writer's hidden temp dir (and the lock file) remain beside it...

@@ -179,7 +179,7 @@ def test_prompt_text_uses_the_checkpoint_tokenizer(tiny_hf, hf_art, tmp_path, ca
 
 
 def test_prompt_text_without_tokenizer_says_so(tiny_hf, hf_art, tiny, capsys):
-    for weights in (["--weights", tiny_hf.path], []):
+    for weights in (["--weights", tiny_hf.path], ["--weights", "random"], []):
         art = hf_art if weights else tiny.path
         code, out, err = run_main(capsys, "generate", art, *weights, "--prompt", "hello")
         line = one_line_error(err)
@@ -187,12 +187,22 @@ def test_prompt_text_without_tokenizer_says_so(tiny_hf, hf_art, tiny, capsys):
         assert "tokenizer.json" in line and "--prompt-ids" in line
 
 
-def test_random_weights_are_announced_and_json_is_exact(tiny, capsys):
-    code, out, err = run_main(capsys, "generate", tiny.path, "--prompt-ids", ids_arg(PROMPTS[0]),
-                              "--prompt-ids", ids_arg(PROMPTS[2]), "--max-new-tokens", "6", "--json")
+def test_random_weights_only_when_asked_for_and_json_is_exact(tiny, capsys):
+    args = ["--prompt-ids", ids_arg(PROMPTS[0]), "--prompt-ids", ids_arg(PROMPTS[2]), "--max-new-tokens", "6"]
+    code, out, err = run_main(capsys, "generate", tiny.path, *args, "--json")  # no --weights: refused
+    assert code == 2 and out == ""
+    assert 'no weights given' in one_line_error(err) and '"random"' in one_line_error(err)
+    with pytest.raises(WeightsError, match='no weights given.*"random"'):
+        runtime.load(tiny.path)
+
+    code, out, err = run_main(capsys, "generate", tiny.path, *args, "--weights", "random", "--json")
     assert code == 0, err
-    assert "note: no --weights given: using seeded random weights (seed 0)" in err
-    expected = runtime.load(tiny.path).generate([PROMPTS[0], PROMPTS[2]], 6, stop=[EOS])
+    assert err.splitlines() == ["warning: using seeded random weights (seed 0), as asked: the outputs are "
+                                "meaningless"]
+    with pytest.warns(RuntimeWarning, match="using seeded random weights"):
+        model = runtime.load(tiny.path, "random")
+    assert model.warnings == ["using seeded random weights (seed 0), as asked: the outputs are meaningless"]
+    expected = model.generate([PROMPTS[0], PROMPTS[2]], 6, stop=[EOS])
     assert out == json.dumps({"tokens": expected}) + "\n"
     assert set(json.loads(out)) == {"tokens"}
 

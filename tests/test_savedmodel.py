@@ -337,21 +337,23 @@ def test_export_savedmodel_helper(tmp_path):
     (stale / "stale.txt").write_text("old")
 
     with pytest.raises(ExportError, match="already exists"):
-        export_savedmodel(model, None, out, 3, force=False, echo=lambda s: None)
+        export_savedmodel(model, "random", out, 3, force=False, echo=lambda s: None)
     with pytest.raises(ExportError, match="weights not found"):
         export_savedmodel(model, str(tmp_path / "nope.safetensors"), out, 4, force=False, echo=print)
     with pytest.raises(ExportError, match="version"):
-        export_savedmodel(model, None, out, -1, force=False, echo=print)
+        export_savedmodel(model, "random", out, -1, force=False, echo=print)
+    with pytest.raises(ExportError, match="pass --weights CHECKPOINT, or --weights random"):
+        export_savedmodel(model, None, out, 4, force=False, echo=print)
     blocker = tmp_path / "file"
     blocker.write_text("")
     with pytest.raises(ExportError, match="cannot write"):
-        export_savedmodel(model, None, blocker / "sub", 1, force=False, echo=print,
+        export_savedmodel(model, "random", blocker / "sub", 1, force=False, echo=print,
                           limits=LIMITS)
 
     lines = []
-    path = export_savedmodel(model, None, out, 3, force=True, echo=lines.append, limits=LIMITS)
+    path = export_savedmodel(model, "random", out, 3, force=True, echo=lines.append, limits=LIMITS)
     assert path == out / "3"
     assert (path / "saved_model.pb").is_file() and not (path / "stale.txt").exists()
-    assert any("seeded random weights" in line for line in lines)
+    assert any(line.startswith("warning: binding seeded random weights") for line in lines)
     assert lines[-1].startswith(f"wrote SavedModel {path}") and "signatures" in lines[-1]
     assert _dirs(out) == ["3"]

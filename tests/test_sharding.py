@@ -51,7 +51,7 @@ _RUN = textwrap.dedent("""
     from runtime.tools.writers import save_orbax
 
     artifact, orbax_dir, out, prompts, new, block = json.loads(sys.argv[1])
-    m = load(artifact)
+    m = load(artifact, "random")
     tokens = m.generate(prompts, new, block=block)
     padded, lengths = pad_batch(prompts, m.buckets, 0)
     logits = np.asarray(m.prefill(padded, lengths)[0])[: len(prompts)]
@@ -109,7 +109,7 @@ def artifacts(tmp_path_factory) -> dict:
         from runtime.engine.model import load
         from runtime.engine.requests import pad_batch
 
-        ref = load(out[1], use_compile_cache=False)  # leave this process's jax config alone
+        ref = load(out[1], "random", use_compile_cache=False)  # leave this process's jax config alone
         padded, lengths = pad_batch(PROMPTS, ref.buckets, 0)
         out["ref_tokens"] = ref.generate(PROMPTS, NEW_TOKENS, block=BLOCK)
         out["ref_logits"] = np.asarray(ref.prefill(padded, lengths)[0])[: len(PROMPTS)]
@@ -188,14 +188,14 @@ def test_wrong_device_count_is_refused(artifacts):
     if have == 4:
         pytest.skip("this process sees 4 devices")
     with pytest.raises(CompatibilityError) as e:
-        load(artifacts[4], use_compile_cache=False)
+        load(artifacts[4], "random", use_compile_cache=False)
     assert str(e.value) == (f"artifact was exported for 4 devices (mesh model=4) but this process sees {have}: "
                             f"run with 4 devices or re-export with --devices {have}")
 
 
 def test_wrong_device_count_cli_one_line_error(artifacts):
     p = subprocess.run([sys.executable, "-c", "from runtime.tools.cli import main; main()", "generate",
-                        str(artifacts[4]), "--prompt-ids", "1,2,3"],
+                        str(artifacts[4]), "--weights", "random", "--prompt-ids", "1,2,3"],
                        env=_env(None, artifacts["root"] / "xla"), capture_output=True, text=True, timeout=120)
     assert p.returncode != 0
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]

@@ -28,9 +28,9 @@ import jax
 import numpy as np
 
 from runtime.engine import compile_cache
+from runtime.errors import ArtifactError, Mamba2AOTWarning, RequestError, WeightsError, describe
 from runtime.format.compat import check_compatibility, current_platform
-from runtime.errors import ArtifactError, RequestError
-from runtime.format.integrity import safe_member, verify_files
+from runtime.format.integrity import read_verified
 from runtime.format.manifest import Manifest, read_manifest
 from runtime.engine.placement import from_manifest as placement_from_manifest
 from runtime.engine.programs import Programs, solve_dims
@@ -43,6 +43,11 @@ from runtime.engine.weights import load_weights, parse_weight_spec, to_device
 
 
 _FUNCTIONS = ("prefill", "decode")
+RANDOM_WEIGHTS = "random"  # weights="random": seeded random weights, only when asked for
+
+
+def _is_random(weights) -> bool:
+    return isinstance(weights, str) and weights == RANDOM_WEIGHTS
 
 
 @dataclasses.dataclass
@@ -84,22 +89,30 @@ class LoadedModel:
         #: the exact prefix-state cache (None: off); its `stats` count lookups, hits, tokens skipped
         self.prefix_cache = PrefixCache(int(prefix_cache_mb * (1 << 20))) if prefix_cache_mb else None
         self.platform = current_platform()
+        # Things to know that do not stop the load: also raised as Mamba2AOTWarning (a RuntimeWarning).
+        self.warnings: list[str] = []
         # jax window, calling convention, platform (raises); past its expiry date: a warning
-        self.warnings: list[str] = check_compatibility(self.manifest, self.platform)
-        for message in self.warnings:
-            warnings.warn(message, RuntimeWarning, stacklevel=3)
-        files = {name: fn.files[self.platform] for name, fn in self.manifest.functions.items()}
-        verify_files(self.path, self.manifest, list(files.values()))
+        for message in check_compatibility(self.manifest, self.platform):
+            self._warn(message)
+        # Each module read once: the bytes checked against the manifest are the bytes deserialized.
+        self._modules = {name: read_verified(self.path, self.manifest, fn.files[self.platform])
+                         for name, fn in self.manifest.functions.items() if name in _FUNCTIONS}
+        if weights is None:
+            raise WeightsError('no weights given (weights= / --weights): pass a checkpoint (an HF directory, a '
+                               '.safetensors file or an orbax checkpoint), or "random" for seeded random '
+                               "weights, whose outputs are meaningless")
         spec = parse_weight_spec(self.manifest.weights)
         # A multi-device artifact (manifest mesh): exactly that many devices, weights sharded.
         self.placement = placement_from_manifest(self.manifest, spec)
-        cached = use_compile_cache and compile_cache.enable() is not None
+        cached = use_compile_cache and compile_cache.enable(warn=self._warn) is not None
         self._programs: Programs | None = None
         key = compile_cache.artifact_key(
-            {rel: self.manifest.files[rel].sha256 for rel in files.values()}, self.platform)
+            {fn.files[self.platform]: self.manifest.files[fn.files[self.platform]].sha256
+             for fn in self.manifest.functions.values()}, self.platform)
         self.artifact_id = key  # States remember it: one artifact's state never runs on another
         if self.placement is None:
-            self._programs = Programs(self.manifest.functions, self._deserialize, key if cached else None)
+            self._programs = Programs(self.manifest.functions, self._deserialize, key if cached else None,
+                                      warn=self._warn)
         buckets = []
         for size in prepare:  # checked now: a bad size fails before any work
             if not isinstance(size, (tuple, list)) or len(size) != 2:
@@ -125,12 +138,13 @@ class LoadedModel:
 
     def _load(self, weights, spec, seed: int, compile_meanwhile) -> None:
         """Weights (checked against the spec before any device work) onto the device."""
-        if weights is None:
+        if _is_random(weights):
             compile_meanwhile()
-            from runtime.tools.random_init import random_weights
+            from runtime.tools.random_init import random_weights  # the one use of runtime.tools
 
             arrays = random_weights(spec, seed)
             self.weights_source = f"seeded random weights (seed {seed})"
+            self._warn(f"using seeded random weights (seed {seed}), as asked: the outputs are meaningless")
         elif self.placement is not None:
             arrays = self.placement.load_weights(weights, spec)
             self.weights_source = str(weights)
@@ -143,6 +157,11 @@ class LoadedModel:
         else:
             self._fns = {name: self.placement.jit(self._deserialize(name)) for name in _FUNCTIONS}
             self.params = self.placement.place(arrays)
+
+    def _warn(self, message: str) -> None:
+        """Record `message` in `warnings` and raise it as a Mamba2AOTWarning (from any thread)."""
+        self.warnings.append(message)
+        warnings.warn(message, Mamba2AOTWarning, stacklevel=4)
 
     @property
     def limits(self) -> dict:
@@ -159,18 +178,17 @@ class LoadedModel:
     def _deserialize(self, name: str):
         """The function's jax.export module, parsed now: a corrupt module fails here, on the
         calling thread (the parse captures fd 2, so never in the compile worker)."""
-        if name not in self.manifest.functions:
+        if name not in self._modules:
             raise ArtifactError(f"artifact has no function {name!r}: re-export it")
         rel = self.manifest.functions[name].files[self.platform]
         try:
-            exported = jax.export.deserialize(bytearray(safe_member(self.path, rel).read_bytes()))
+            exported = jax.export.deserialize(bytearray(self._modules[name]))
             _parse_stablehlo(exported, rel)  # jax defers this to the first call: fail at load instead
         except ArtifactError:
             raise
         except Exception as e:  # a corrupt module that still matched its digest
-            detail = " ".join(str(e).split())[:300]
-            raise ArtifactError(f"cannot deserialize {rel} ({type(e).__name__}: {detail}): "
-                                "re-export or re-copy the artifact") from None
+            raise ArtifactError(f"cannot deserialize {rel} ({describe(e)}): "
+                                "re-export or re-copy the artifact") from e
         return exported
 
     def segment_length(self, B: int) -> int:
@@ -187,6 +205,12 @@ class LoadedModel:
                 raise RequestError(f"prepare: {what} must be an integer in [1, {most}], got {n!r}")
         B = bucket(int(batch), self.manifest.buckets.batch)
         return B, bucket(min(int(prompt_tokens), self.segment_length(B)), self.manifest.buckets.prompt)
+
+    def programs(self) -> list[dict]:
+        """The compiled programs asked for so far (given to `prepare`, remembered from the
+        previous process, or used), each {"function", "dims", "state": "queued" | "compiling" |
+        "ready"}; [] for a multi-device artifact (compiled on first call by jax.jit)."""
+        return [] if self._programs is None else self._programs.status()
 
     def prepare(self, batch: int = 1, prompt_tokens: int = 1) -> None:
         """Compile prefill and decode for requests of this size in the background (returns at once);
@@ -328,12 +352,13 @@ def _parse_stablehlo(exported, rel: str) -> None:
                        if "error:" in line]
     detail = " ".join(f"{error}".split())[:200] + (f"; {diagnostics[0][:200]}" if diagnostics else "")
     raise ArtifactError(f"cannot deserialize {rel} ({type(error).__name__}: {detail}): "
-                        "re-export or re-copy the artifact")
+                        "re-export or re-copy the artifact") from error
 
 
 def load(artifact_dir, weights: str | Path | None = None, seed: int = 0, **kw) -> LoadedModel:
-    """Load an artifact and its weights (HF checkpoint dir, .safetensors file, orbax checkpoint);
-    with no weights, seeded random weights per the artifact's weight specification.
+    """Load an artifact and its weights: an HF checkpoint directory, a .safetensors file or an
+    orbax checkpoint; or weights="random": seeded random weights (`seed`) per the artifact's
+    weight specification, with a warning. No weights is a WeightsError.
 
     prepare=[(batch, prompt_tokens), ...] compiles for those request sizes while the weights
     load; the sizes the previous process used with this artifact are prepared anyway (when

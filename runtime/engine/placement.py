@@ -151,9 +151,7 @@ class Placement:
 
         with open_checkpoint(path) as ckpt:
             if isinstance(ckpt, OrbaxCheckpoint):
-                restored = self._restore_orbax(ckpt, spec, check_finite)
-                if restored is not None:
-                    return restored
+                return self._restore_orbax(ckpt, spec, check_finite)
         return load_weights(path, spec, check_finite=check_finite)
 
     def place(self, arrays: Mapping[str, Any]) -> dict:
@@ -165,54 +163,26 @@ class Placement:
             raise WeightsError(f"no value for {len(missing)} weights ({', '.join(missing[:3])})")
         return to_device(arrays, self.weight_shardings)
 
-    def _restore_orbax(self, ckpt, spec, check_finite: bool) -> dict | None:
-        """Each tensor read straight into its shards (each host reads only what it holds), or
-        None when the checkpoint needs host-side assembly (stacked slices)."""
+    def _restore_orbax(self, ckpt, spec, check_finite: bool) -> dict:
+        """Each tensor read straight into its shards (each host reads only what it holds)."""
         import jax
         import jax.numpy as jnp
-        import orbax.checkpoint as ocp
 
-        from runtime.engine.weights import check_config, plan_load
+        from runtime.engine.weights import check_config, nonfinite_error, plan_load, source_label
 
         check_config(ckpt.config, spec, source=ckpt.path)
         plan = plan_load(ckpt, spec)  # metadata only; names, shapes, float dtypes checked
-        if any(len(srcs) != 1 for srcs in plan.values()):
-            return None
-        keys = getattr(ckpt, "_keys", None)  # checkpoint name -> nested key path
-        if keys is None:
-            return None
-        item: dict = {}
-        args: dict = {}
-        for t in spec.tensors:
-            src = plan[t.name][0]
-            *parents, leaf = keys[src]
-            node_i, node_a = item, args
-            for k in parents:
-                node_i, node_a = node_i.setdefault(k, {}), node_a.setdefault(k, {})
-            sharding = self.weight_shardings[t.name]
-            node_i[leaf] = jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=sharding)
-            node_a[leaf] = ocp.ArrayRestoreArgs(sharding=sharding, dtype=t.dtype, restore_type=jax.Array)
-        try:
-            out = ocp.PyTreeCheckpointer().restore(
-                ckpt.path, args=ocp.args.PyTreeRestore(item=item, restore_args=args, partial_restore=True))
-        except Exception as e:  # noqa: BLE001 - orbax raises many types
-            raise WeightsError(f"cannot restore the orbax checkpoint {ckpt.path} sharded over mesh "
-                               f"{describe_mesh(self)}: {type(e).__name__}: "
-                               f"{str(e).splitlines()[0] if str(e) else ''}") from None
-        result = {}
-        for t in spec.tensors:
-            node = out
-            for k in keys[plan[t.name][0]]:
-                node = node[k]
-            result[t.name] = node
+        out = ckpt.restore([plan[t.name] for t in spec.tensors],
+                           shardings={plan[t.name]: self.weight_shardings[t.name] for t in spec.tensors},
+                           dtypes={plan[t.name]: t.dtype for t in spec.tensors})
+        result = {t.name: out[plan[t.name]] for t in spec.tensors}
         if check_finite:
-            counts = jax.jit(lambda d: {k: jnp.sum(~jnp.isfinite(v)) for k, v in d.items()})(result)
-            bad = [f"{plan[n][0]} has {int(c)} non-finite values" for n, c in counts.items() if int(c)]
-            if bad:
-                raise WeightsError(
-                    f"checkpoint {ckpt.path} has non-finite weights: {'; '.join(bad[:5])}"
-                    f"{f'; ... and {len(bad) - 5} more' if len(bad) > 5 else ''} (the checkpoint is corrupt "
-                    "or from a diverged run; re-download it, or load with check_finite=False to skip this check)")
+            count = jax.jit(lambda d: {k: (jnp.sum(jnp.isnan(v)), jnp.sum(jnp.isinf(v))) for k, v in d.items()})
+            counts = count(result)  # {name: (NaN count, Inf count)}, each on the devices holding it
+            error = nonfinite_error(ckpt.path, {source_label(plan[t.name], t): tuple(map(int, counts[t.name]))
+                                                for t in spec.tensors})
+            if error is not None:
+                raise error
         return result
 
 

@@ -7,12 +7,9 @@ any tensor data is read (readers: runtime.engine.checkpoints). Each tensor is th
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import ml_dtypes
@@ -21,8 +18,9 @@ import numpy as np
 from runtime.engine.checkpoints import Checkpoint, open_checkpoint
 from runtime.errors import WeightsError
 from runtime.format.weightspec import (
-    TensorSpec,
     WeightSpec,
+    WeightTensor,
+    config_value,
     fmt_shape,
     is_float_dtype,
     parse_weight_spec,
@@ -34,18 +32,8 @@ _MAX_LISTED = 5  # problems spelled out in one message
 # Config check
 
 
-def _norm_value(v):
-    if isinstance(v, Mapping) and set(v) == {"__float__"}:  # transformers 5 writes inf as {"__float__": "Infinity"}
-        v = v["__float__"]
-    if isinstance(v, str) and v in ("Infinity", "inf", "+Infinity", "-Infinity", "-inf", "NaN", "nan"):
-        return float(v.replace("Infinity", "inf"))
-    if isinstance(v, (list, tuple)):
-        return tuple(_norm_value(x) for x in v)
-    return v
-
-
 def _same(a, b) -> bool:
-    a, b = _norm_value(a), _norm_value(b)
+    a, b = config_value(a), config_value(b)
     if isinstance(a, tuple) and isinstance(b, tuple):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
     num = (int, float)
@@ -57,21 +45,12 @@ def _same(a, b) -> bool:
     return a == b
 
 
-def _effective_config(cfg: Mapping) -> dict:
-    out = dict(cfg)
-    # mamba_ssm-style configs store the unpadded vocabulary and pad the embedding to a multiple.
-    mult, vocab = out.get("pad_vocab_size_multiple"), out.get("vocab_size")
-    if isinstance(mult, int) and mult > 1 and isinstance(vocab, int) and not isinstance(vocab, bool):
-        out["vocab_size"] = -(-vocab // mult) * mult
-    return out
-
-
 def check_config(checkpoint_config: Mapping | None, spec, *, source: str | os.PathLike | None = None) -> None:
     """Every spec `config_match` key present in the checkpoint's config must agree (WeightsError)."""
     if checkpoint_config is None:
         return
     spec = parse_weight_spec(spec)
-    cfg = _effective_config(checkpoint_config)
+    cfg = checkpoint_config
     diffs = [f"{k} {_show(cfg[k])} != {_show(want)}" for k, want in spec.config_match.items()
              if k in cfg and not _same(cfg[k], want)]
     if diffs:
@@ -105,47 +84,35 @@ def _resolve(ckpt: Checkpoint, aliases: tuple[str, ...]) -> str | None:
     return None
 
 
-def plan_load(ckpt: Checkpoint, spec: WeightSpec) -> dict[str, list[str]]:
-    """{spec tensor: checkpoint names to read} from metadata alone; WeightsError listing all mismatches."""
+def source_label(src: str, t: WeightTensor) -> str:
+    """How a checkpoint tensor is named in messages: `src`, or `src (for name)` for an alias."""
+    return src if src == t.name else f"{src} (for {t.name})"
+
+
+def plan_load(ckpt: Checkpoint, spec: WeightSpec) -> dict[str, str]:
+    """{spec tensor: the checkpoint name to read} from metadata alone; WeightsError listing all
+    mismatches."""
     problems: list[str] = []
-    plan: dict[str, list[str]] = {}
+    plan: dict[str, str] = {}
     used: dict[str, str] = {}  # checkpoint name -> spec tensor
 
-    def check_one(t: TensorSpec, src: str, want_shape: tuple[int, ...], label: str) -> None:
-        shape = ckpt.shape(src)
-        dt = ckpt.dtype(src)
-        if shape != want_shape:
-            problems.append(f"{label} has shape {fmt_shape(shape)}, expected {fmt_shape(want_shape)}")
+    for t in spec.tensors:
+        src = _resolve(ckpt, t.sources)
+        if src is None:
+            also = f" (also looked for {', '.join(t.sources[1:])})" if len(t.sources) > 1 else ""
+            problems.append(f"missing {t.sources[0]} {fmt_shape(t.shape)}{also}")
+            continue
+        used[src] = t.name
+        label = source_label(src, t)
+        shape, dt = ckpt.shape(src), ckpt.dtype(src)
+        if shape != t.shape:
+            problems.append(f"{label} has shape {fmt_shape(shape)}, expected {fmt_shape(t.shape)}")
         if dt is None or not is_float_dtype(dt):
             problems.append(f"{label} has dtype {ckpt.dtype_name(src)}, expected {t.dtype.name} "
                             "(a floating-point tensor)")
-
-    for t in spec.tensors:
-        if t.sources is not None:
-            src = _resolve(ckpt, t.sources)
-            if src is None:
-                also = f" (also looked for {', '.join(t.sources[1:])})" if len(t.sources) > 1 else ""
-                shown = t.sources[0]
-                problems.append(f"missing {shown} {fmt_shape(t.shape)}{also}")
-                continue
-            used[src] = t.name
-            label = src if src == t.name else f"{src} (for {t.name})"
-            check_one(t, src, t.shape, label)
-            plan[t.name] = [src]
-        else:
-            names = []
-            for j, entry in enumerate(t.stack):
-                src = _resolve(ckpt, entry)
-                if src is None:
-                    also = f" (also looked for {', '.join(entry[1:])})" if len(entry) > 1 else ""
-                    problems.append(f"missing {entry[0]} {fmt_shape(t.shape[1:])} (slice {j} of {t.name}){also}")
-                    continue
-                used[src] = t.name
-                check_one(t, src, t.shape[1:], f"{src} (slice {j} of {t.name})")
-                names.append(src)
-            plan[t.name] = names
+        plan[t.name] = src
     ignore = set(spec.ignore)
-    alias_of = {a: t for t in spec.tensors for a in t.all_source_names()}
+    alias_of = {a: t for t in spec.tensors for a in t.sources}
     for name in ckpt.names():
         if name in used or name in ignore:
             continue
@@ -179,6 +146,16 @@ def count_nonfinite(arr: np.ndarray) -> tuple[int, int]:
     return count_nonfinite(as32)
 
 
+def nonfinite_error(path, counts: Mapping[str, tuple[int, int]]) -> WeightsError | None:
+    """The error for tensors with NaN/Inf values ({label: (NaN count, Inf count)}), or None."""
+    bad = [f"{label} has {nan + inf} non-finite values ({nan} NaN, {inf} Inf)"
+           for label, (nan, inf) in counts.items() if nan or inf]
+    if not bad:
+        return None
+    return WeightsError(f"checkpoint {path} has non-finite weights: {_problems('', bad)} (the checkpoint is "
+                        "corrupt or from a diverged run; re-download or re-convert it)")
+
+
 def load_weights(path, spec, *, check_finite: bool = True,
                  on_checked: Callable[[], None] | None = None) -> dict[str, np.ndarray]:
     """{spec name: numpy array in the spec's dtype} from a checkpoint, strictly checked against `spec`.
@@ -192,27 +169,19 @@ def load_weights(path, spec, *, check_finite: bool = True,
         if on_checked is not None:
             on_checked()
         out: dict[str, np.ndarray] = {}
-        bad: list[str] = []
-        reader = ckpt.read_many([n for t in spec.tensors for n in plan[t.name]])
-        for t in spec.tensors:
+        counts: dict[str, tuple[int, int]] = {}
+        for t, (src, arr) in zip(spec.tensors, ckpt.read_many([plan[t.name] for t in spec.tensors])):
+            if src != plan[t.name]:
+                raise WeightsError(f"checkpoint {ckpt.path} returned {src} when {plan[t.name]} was asked for: "
+                                   "the reader is out of order (a bug: please report it)")
             dest = host_buffer(t.shape, t.dtype)
-            for j, src in enumerate(plan[t.name]):
-                name, arr = next(reader)
-                assert name == src, (name, src)
-                part = dest[j] if t.stack is not None else dest
-                np.copyto(part, arr.reshape(part.shape), casting="unsafe")
-                if check_finite:
-                    nan, inf = count_nonfinite(part)
-                    if nan or inf:
-                        label = (f"{src} (slice {j} of {t.name})" if t.stack is not None
-                                 else src if src == t.name else f"{src} (for {t.name})")
-                        bad.append(f"{label} has {nan + inf} non-finite values ({nan} NaN, {inf} Inf)")
+            np.copyto(dest, arr.reshape(dest.shape), casting="unsafe")
+            if check_finite:
+                counts[source_label(src, t)] = count_nonfinite(dest)
             out[t.name] = dest
-        if bad:
-            raise WeightsError(
-                f"checkpoint {ckpt.path} has non-finite weights: {_problems('', bad)} (the checkpoint is "
-                "corrupt or from a diverged run; re-download or re-convert it)"
-            )
+        error = nonfinite_error(ckpt.path, counts)
+        if error is not None:
+            raise error
     return out
 
 
@@ -256,6 +225,6 @@ def to_device(params: Mapping[str, Any], shardings=None, *, consume: bool = Fals
 
 
 __all__ = [
-    "WeightSpec", "TensorSpec", "parse_weight_spec", "check_config", "plan_load", "load_weights",
-    "to_device", "count_nonfinite", "host_buffer",
+    "WeightSpec", "WeightTensor", "parse_weight_spec", "check_config", "plan_load", "load_weights",
+    "to_device", "count_nonfinite", "nonfinite_error", "host_buffer",
 ]

@@ -109,21 +109,12 @@ def current_platform() -> str:
 def check_platform(manifest: "Manifest", backend: str | None = None) -> str:
     """The platform to run on (default: the current backend); it must be one the artifact has."""
     platform = current_platform() if backend is None else backend.lower()
-    if platform == "gpu":
-        platform = "rocm" if _is_rocm() else "cuda"
     if platform not in manifest.platforms:
         raise CompatibilityError(
             f"artifact has platforms [{', '.join(manifest.platforms)}] but this machine runs "
             f"{platform}: re-export with --platform {platform}"
         )
     return platform
-
-
-def _is_rocm() -> bool:
-    try:
-        return current_platform() == "rocm"
-    except Exception:  # noqa: BLE001
-        return False
 
 
 def expiry_warning(manifest: "Manifest", today: _dt.date | None = None) -> str | None:

@@ -60,24 +60,51 @@ def file_record(path: str | os.PathLike) -> dict:
     return {"sha256": sha256_file(path), "bytes": os.path.getsize(path)}
 
 
+def _member(root, manifest: "Manifest", rel: str):
+    """(path, record) of an artifact file that exists with its recorded size."""
+    record = manifest.files.get(rel)
+    if record is None:
+        raise ArtifactError(f"artifact file {rel!r} is not listed in the manifest: {_REFETCH}")
+    path = safe_member(root, rel)
+    if not path.is_file():
+        what = "missing" if not path.exists() else "not a regular file"
+        raise ArtifactError(f"artifact file {rel} is {what}: {_REFETCH}")
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise ArtifactError(f"cannot read artifact file {rel}: {e.strerror or e}") from e
+    _check_size(rel, size, record.bytes)
+    return path, record
+
+
+def _check_size(rel: str, size: int, recorded: int) -> None:
+    if size != recorded:
+        raise IntegrityError(f"{rel} is corrupt (size mismatch: {size} bytes, manifest says {recorded}): {_REFETCH}")
+
+
+def read_verified(root: str | os.PathLike, manifest: "Manifest", rel: str) -> bytes:
+    """The bytes of artifact file `rel`, read once and checked against its recorded size and
+    sha256: what is checked is what the caller uses (no second read that could differ)."""
+    path, record = _member(root, manifest, rel)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(record.bytes + 1)
+    except OSError as e:
+        raise ArtifactError(f"cannot read artifact file {rel}: {e.strerror or e}") from e
+    _check_size(rel, len(data), record.bytes)  # changed since the stat
+    if hashlib.sha256(data).hexdigest() != record.sha256:
+        raise IntegrityError(f"{rel} is corrupt (sha256 mismatch): {_REFETCH}")
+    return data
+
+
 def verify_files(root: str | os.PathLike, manifest: "Manifest", names: Iterable[str] | None = None) -> None:
-    """Check that each listed file (or only `names`) exists and matches its recorded size and sha256."""
-    selected = list(manifest.files) if names is None else list(names)
-    for rel in selected:
-        record = manifest.files.get(rel)
-        if record is None:
-            raise ArtifactError(f"artifact file {rel!r} is not listed in the manifest: {_REFETCH}")
-        path = safe_member(root, rel)
-        if not path.is_file():
-            what = "missing" if not path.exists() else "not a regular file"
-            raise ArtifactError(f"artifact file {rel} is {what}: {_REFETCH}")
+    """Check that each listed file (or only `names`) exists and matches its recorded size and
+    sha256 (hashed in chunks, never held whole)."""
+    for rel in list(manifest.files) if names is None else list(names):
+        path, record = _member(root, manifest, rel)
         try:
-            size = path.stat().st_size
-            if size != record.bytes:
-                raise IntegrityError(
-                    f"{rel} is corrupt (size mismatch: {size} bytes, manifest says {record.bytes}): {_REFETCH}"
-                )
-            if sha256_file(path) != record.sha256:
-                raise IntegrityError(f"{rel} is corrupt (sha256 mismatch): {_REFETCH}")
+            digest = sha256_file(path)
         except OSError as e:
-            raise ArtifactError(f"cannot read artifact file {rel}: {e.strerror or e}") from None
+            raise ArtifactError(f"cannot read artifact file {rel}: {e.strerror or e}") from e
+        if digest != record.sha256:
+            raise IntegrityError(f"{rel} is corrupt (sha256 mismatch): {_REFETCH}")

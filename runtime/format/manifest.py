@@ -36,7 +36,8 @@ required except `mesh`:
                     "prefill" and "decode" are required; every manifest platform needs a file
     weights         the weight specification: an object with a "tensors" list (checked elsewhere)
     mesh            optional, null or {"axis_names": [str], "shape": [int],
-                    "weight_shardings": object, "cache_shardings": object}
+                    "weight_shardings": object}; a "cache_shardings" object (written by
+                    earlier exporters) is accepted and not used
     files           relative path -> {"sha256": 64 lowercase hex chars, "bytes": int >= 0};
                     every path named in functions.*.files must be listed here
 
@@ -62,7 +63,7 @@ MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "mamba2-aot-artifact"
 SCHEMA_VERSION = 2
 SEMANTICS_VERSIONS = (1, 2)
-PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")  # jax.export's platform names (the exporter's choices too)
 DTYPES = ("float32", "bfloat16")
 REQUIRED_FUNCTIONS = ("prefill", "decode")
 # Element types a function signature may use (numpy / jax dtype names).
@@ -161,7 +162,6 @@ class Mesh:
     axis_names: tuple[str, ...]
     shape: tuple[int, ...]
     weight_shardings: dict[str, Any]
-    cache_shardings: dict[str, Any]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -445,15 +445,16 @@ def _weights(v: Any) -> dict:
 def _mesh(v: Any) -> Mesh | None:
     if v is None:
         return None
-    d = _keys(v, "mesh", ("axis_names", "shape", "weight_shardings", "cache_shardings"))
+    d = _keys(v, "mesh", ("axis_names", "shape", "weight_shardings", "cache_shardings"), frozenset({"cache_shardings"}))
+    if "cache_shardings" in d:
+        _obj(d["cache_shardings"], "mesh.cache_shardings")
     names = tuple(_str(x, f"mesh.axis_names[{i}]") for i, x in enumerate(_list(d["axis_names"], "mesh.axis_names", True)))
     if len(set(names)) != len(names):
         raise _fail("mesh.axis_names", "a list without duplicates", d["axis_names"])
     shape = tuple(_int(x, f"mesh.shape[{i}]", 1) for i, x in enumerate(_list(d["shape"], "mesh.shape")))
     if len(shape) != len(names):
         raise _fail("mesh.shape", f"a list of {len(names)} sizes (one per axis name)", d["shape"])
-    return Mesh(names, shape, _obj(d["weight_shardings"], "mesh.weight_shardings"),
-                _obj(d["cache_shardings"], "mesh.cache_shardings"))
+    return Mesh(names, shape, _obj(d["weight_shardings"], "mesh.weight_shardings"))
 
 
 def _files(v: Any) -> dict[str, FileRecord]:

@@ -5,8 +5,6 @@ model's parameters:
 
     {"tensors": [{"name": ..., "shape": [...], "dtype": "float32" | "bfloat16" | ...,
                   "sources": [checkpoint name, alias, ...]      # first one present wins
-                  # or "stack": [entry, ...]: np.stack of those checkpoint tensors on a new
-                  #     axis 0; each entry is a name or a list of alias names
                   "init": {"kind": "normal", "std": s} | {"kind": "uniform", "low": a, "high": b}
                           | {"kind": "constant", "value": v}}, ...],
      "ignore": [checkpoint names allowed in a checkpoint but unused],
@@ -54,22 +52,51 @@ def float_dtype(name: str) -> np.dtype:
     return dt
 
 
+# How config.json files spell non-finite floats: Python's json reads Infinity/NaN as floats;
+# transformers 5 writes {"__float__": "Infinity"}; some writers quote them.
+_FLOAT_WORDS = frozenset({"Infinity", "+Infinity", "-Infinity", "inf", "+inf", "-inf", "NaN", "nan"})
+
+
+def _float_object(v) -> bool:
+    return isinstance(v, Mapping) and set(v) == {"__float__"}
+
+
+def json_float(v) -> float:
+    """A float from a config file: a number, a numeric string ("Infinity", "1e-3"), or
+    transformers 5's {"__float__": "Infinity"}. TypeError or ValueError for anything else."""
+    if _float_object(v):
+        v = v["__float__"]
+    if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+        raise TypeError(f"not a number: {v!r:.60}")
+    return float(v)
+
+
+def config_value(v):
+    """A config.json value as compared with the artifact's `config_match`: the spellings of
+    non-finite floats become floats, lists become tuples, anything else is left as it is."""
+    if _float_object(v) or (isinstance(v, str) and v in _FLOAT_WORDS):
+        return json_float(v)
+    if isinstance(v, (list, tuple)):
+        return tuple(config_value(x) for x in v)
+    return v
+
+
 def fmt_shape(shape) -> str:
     """`[3352, 768]`, as shapes appear in messages."""
     return "[" + ", ".join(str(int(d)) for d in shape) + "]"
 
 
 @dataclasses.dataclass(frozen=True)
-class TensorSpec:
-    """One parameter: its name in the params dict, shape, dtype, checkpoint sources and init rule."""
+class WeightTensor:
+    """One parameter: its name in the params dict, shape, dtype, checkpoint sources and init rule.
+
+    (Not the manifest's signature tensors, runtime.format.manifest.TensorSpec: those describe
+    a function's inputs and outputs, with symbolic dimensions.)"""
 
     name: str
     shape: tuple[int, ...]
     dtype: np.dtype
-    # Checkpoint names to take it from, first present wins (None when `stack` is used).
-    sources: tuple[str, ...] | None
-    # One alias tuple per slice along a new axis 0 (None when `sources` is used).
-    stack: tuple[tuple[str, ...], ...] | None
+    sources: tuple[str, ...]  # checkpoint names to take it from, first present wins
     init: Mapping[str, Any]
 
     @property
@@ -80,31 +107,21 @@ class TensorSpec:
     def nbytes(self) -> int:
         return self.size * self.dtype.itemsize
 
-    def all_source_names(self) -> list[str]:
-        if self.sources is not None:
-            return list(self.sources)
-        return [n for entry in self.stack for n in entry]
-
     def to_dict(self) -> dict:
-        d: dict[str, Any] = {"name": self.name, "shape": list(self.shape), "dtype": self.dtype.name}
-        if self.sources is not None:
-            d["sources"] = list(self.sources)
-        else:
-            d["stack"] = [list(e) if len(e) > 1 else e[0] for e in self.stack]
-        d["init"] = dict(self.init)
-        return d
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype.name,
+                "sources": list(self.sources), "init": dict(self.init)}
 
 
 @dataclasses.dataclass(frozen=True)
 class WeightSpec:
-    tensors: tuple[TensorSpec, ...]
+    tensors: tuple[WeightTensor, ...]
     ignore: tuple[str, ...] = ()
     config_match: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def names(self) -> list[str]:
         return [t.name for t in self.tensors]
 
-    def __getitem__(self, name: str) -> TensorSpec:
+    def __getitem__(self, name: str) -> WeightTensor:
         for t in self.tensors:
             if t.name == name:
                 return t
@@ -169,7 +186,7 @@ def _init(value, where: str) -> dict:
     return out
 
 
-def _tensor(obj, i: int) -> TensorSpec:
+def _tensor(obj, i: int) -> WeightTensor:
     where = f"tensors[{i}]"
     if not isinstance(obj, Mapping):
         raise _bad(where, f"must be an object, got {type(obj).__name__}")
@@ -185,22 +202,10 @@ def _tensor(obj, i: int) -> TensorSpec:
         dtype = float_dtype(obj.get("dtype"))
     except ValueError as e:
         raise _bad(where, f"'dtype': {e}") from None
-    has_sources, has_stack = obj.get("sources") is not None, obj.get("stack") is not None
-    if has_sources == has_stack:
-        raise _bad(where, "needs exactly one of 'sources' (checkpoint names) or 'stack' (a list of them)")
-    sources = stack = None
-    if has_sources:
-        sources = _names(obj["sources"], where, "sources")
-    else:
-        entries = obj["stack"]
-        if not isinstance(entries, (list, tuple)) or not entries:
-            raise _bad(where, f"'stack' must be a non-empty list, got {entries!r}")
-        stack = tuple(_names(e, f"{where} stack[{j}]", "entry") for j, e in enumerate(entries))
-        if not shape or shape[0] != len(stack):
-            raise _bad(where, f"'stack' has {len(stack)} entries but the shape is {fmt_shape(shape)}: "
-                              f"its first dimension must equal the number of entries")
-    return TensorSpec(name=name, shape=shape, dtype=dtype, sources=sources, stack=stack,
-                      init=_init(obj.get("init"), where))
+    if obj.get("sources") is None:
+        raise _bad(where, "needs 'sources' (the checkpoint names to read it from)")
+    return WeightTensor(name=name, shape=shape, dtype=dtype, sources=_names(obj["sources"], where, "sources"),
+                        init=_init(obj.get("init"), where))
 
 
 def parse_weight_spec(obj) -> WeightSpec:
@@ -219,7 +224,7 @@ def parse_weight_spec(obj) -> WeightSpec:
         if t.name in names:
             raise _bad(f"tensor {t.name}", "the name appears twice")
         names.add(t.name)
-        for src in t.all_source_names():
+        for src in t.sources:
             if seen.get(src, t.name) != t.name:
                 raise _bad(f"tensor {t.name}", f"checkpoint name {src!r} is also a source of {seen[src]}")
             seen[src] = t.name
@@ -236,4 +241,5 @@ def parse_weight_spec(obj) -> WeightSpec:
     return WeightSpec(tensors=specs, ignore=tuple(ignore), config_match=dict(config_match))
 
 
-__all__ = ["TensorSpec", "WeightSpec", "parse_weight_spec", "is_float_dtype", "float_dtype", "fmt_shape"]
+__all__ = ["WeightTensor", "WeightSpec", "parse_weight_spec", "is_float_dtype", "float_dtype", "fmt_shape",
+           "json_float", "config_value"]

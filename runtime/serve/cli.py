@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from runtime.errors import Mamba2AOTError
+from runtime.tools.generate_cmd import WEIGHTS_HELP, weights_arg
 
 _EXTRAS = ("fastapi", "uvicorn", "prometheus_client")  # jinja2: only for a chat template
 
@@ -29,8 +30,7 @@ def _check_extras() -> None:
 
 @click.command("serve")
 @click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("--weights", type=click.Path(path_type=Path),
-              help="HF checkpoint dir, .safetensors file or orbax checkpoint [default: seeded random].")
+@click.option("--weights", help=WEIGHTS_HELP + " Required.")
 @click.option("--tokenizer", type=click.Path(path_type=Path),
               help="A tokenizer.json or a directory holding one (and tokenizer_config.json with the chat "
                    "template) [default: the checkpoint's; none: prompts must be token ids].")
@@ -69,6 +69,7 @@ def serve_command(artifact, weights, tokenizer, host, port, slots, block, max_qu
     from runtime.serve.service import Service
     from runtime.serve.text import TextModel, find_tokenizer
 
+    weights = weights_arg(weights)
     config = ServeConfig(artifact=artifact, weights=weights, tokenizer=tokenizer, host=host, port=port, slots=slots,
                          block=block, max_queue=max_queue, prefill_chunk=prefill_chunk,
                          prefix_cache_mb=prefix_cache_mb, api_key=api_key or None, model_name=served_model_name,

@@ -11,7 +11,7 @@ from runtime.errors import Mamba2AOTError
 @dataclasses.dataclass(frozen=True)
 class ServeConfig:
     artifact: Path
-    weights: Path | None = None  # None: seeded random weights (announced)
+    weights: Path | str | None = None  # a checkpoint, or "random" (seeded random weights, announced)
     tokenizer: Path | None = None  # a tokenizer.json or a directory holding one
     host: str = "127.0.0.1"
     port: int = 8000
@@ -25,7 +25,7 @@ class ServeConfig:
     max_body_bytes: int = 16 << 20  # larger request bodies: 413
     request_timeout: float | None = 600.0  # seconds from arrival to the last token (None: none)
     drain_timeout: float = 30.0  # seconds SIGTERM waits for in-flight requests
-    seed: int = 0  # random weights only
+    seed: int = 0  # --weights random only
 
     @property
     def served_name(self) -> str:

@@ -52,11 +52,9 @@ class Service:
             import runtime
 
             c = self.config
+            # Its warnings (random weights, an expired artifact, the compile cache) are raised as
+            # Mamba2AOTWarning: the CLI prints each as a `warning:` line.
             model = runtime.load(c.artifact, c.weights, seed=c.seed, prefix_cache_mb=c.prefix_cache_mb)
-            if c.weights is None:
-                log.warning("no --weights given: using %s; outputs are meaningless", model.weights_source)
-            for message in model.warnings:
-                log.warning("%s", message)
             self.use(model)
         except Mamba2AOTError as e:
             self._fail(str(e))

@@ -49,10 +49,11 @@ class TextModel:
     """A tokenizer.json with the chat template and special tokens of its tokenizer_config.json."""
 
     def __init__(self, path: Path, vocab_size: int):
-        from tokenizers import Tokenizer
+        from runtime.extras import optional_import
 
+        tokenizers = optional_import("tokenizers")
         try:
-            self.tokenizer = Tokenizer.from_file(str(path))
+            self.tokenizer = tokenizers.Tokenizer.from_file(str(path))
         except Exception as e:  # noqa: BLE001 - any parse failure is the file's
             raise Mamba2AOTError(f"cannot read {path}: {' '.join(str(e).split())[:200]}") from None
         size = self.tokenizer.get_vocab_size(with_added_tokens=True)
@@ -108,7 +109,7 @@ def _compile_template(source: str, where: Path):
         raise Mamba2AOTError(f"the chat template in {where} does not compile: {e}") from None
 
 
-def find_tokenizer(tokenizer: Path | None, weights: Path | None) -> Path | None:
+def find_tokenizer(tokenizer: Path | None, weights) -> Path | None:
     """--tokenizer (a tokenizer.json or a directory holding one), else the tokenizer.json beside
     --weights, else None (prompts must then be token ids)."""
     if tokenizer is not None:
@@ -117,7 +118,7 @@ def find_tokenizer(tokenizer: Path | None, weights: Path | None) -> Path | None:
             raise Mamba2AOTError(f"--tokenizer {tokenizer}: no such file" if not tokenizer.exists() else
                                  f"--tokenizer {tokenizer}: no tokenizer.json in that directory")
         return path
-    if weights is not None:
+    if isinstance(weights, Path):  # a checkpoint (not "random")
         path = (weights if weights.is_dir() else weights.parent) / "tokenizer.json"
         if path.is_file():
             return path

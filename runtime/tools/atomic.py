@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from runtime.environment import environment_problem
 from runtime.errors import ExportError
 
 STALE_SECONDS = 3600  # unlocked leftovers of killed writers older than this are removed
@@ -33,8 +34,8 @@ def _old_prefix(name: str) -> str:
     return f".{name}.old-"
 
 
-def _cannot_write(path: Path, e: OSError) -> ExportError:
-    return ExportError(f"cannot write to {path}: {e.strerror or e}")
+def _cannot_write(path: Path, e: OSError, need: int | None = None) -> ExportError:
+    return ExportError(environment_problem(e, path, need) or f"cannot write to {path}: {e.strerror or e}")
 
 
 def _prepare_parent(dest: Path) -> Path:
@@ -44,12 +45,9 @@ def _prepare_parent(dest: Path) -> Path:
     except OSError as e:
         if e.errno in (errno.EEXIST, errno.ENOTDIR):  # e.g. --out under a regular file
             raise ExportError(f"cannot write to {parent}: part of that path is a file, not a directory: "
-                              "choose another destination") from None
-        raise _cannot_write(parent, e) from None
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ExportError(f"cannot write to {parent}: permission denied: choose another destination "
-                          "or fix its permissions")
-    return parent
+                              "choose another destination") from e
+        raise _cannot_write(parent, e) from e
+    return parent  # not writable (permissions, a read-only file system): the temp dir says which
 
 
 def _lock_nowait(path: Path) -> int | None:
@@ -185,11 +183,15 @@ def atomic_directory(dest: str | os.PathLike, force: bool = False) -> Iterator[P
     try:
         tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(dest.name), dir=parent))
     except OSError as e:
-        raise _cannot_write(parent, e) from None
+        raise _cannot_write(parent, e) from e
     guard = _lock_nowait(tmp)  # tells clean_stale this temp dir is in use
     try:
         try:
             yield tmp
+        except OSError as e:  # writing a file of it (a full disk, a size limit, ...)
+            _remove(tmp)
+            where = dest / Path(e.filename).relative_to(tmp) if _inside(e.filename, tmp) else dest
+            raise _cannot_write(where, e, getattr(e, "bytes_needed", None)) from e
         except BaseException:
             _remove(tmp)
             raise
@@ -198,7 +200,7 @@ def atomic_directory(dest: str | os.PathLike, force: bool = False) -> Iterator[P
         except BaseException as e:
             _remove(tmp)
             if isinstance(e, OSError):
-                raise _cannot_write(dest, e) from None
+                raise _cannot_write(dest, e) from e
             raise
     finally:
         if guard is not None:
@@ -217,13 +219,29 @@ def _commit(tmp: Path, dest: Path, force: bool) -> None:
     _fsync_dir(dest.parent)
 
 
+def _inside(name, folder: Path) -> bool:
+    return isinstance(name, (str, os.PathLike)) and Path(name).is_relative_to(folder)
+
+
+def write_file(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to a file inside `atomic_directory`'s temp dir. When the environment refuses
+    (a full disk, ...), the OSError carries `bytes_needed`, and atomic_directory turns it into an
+    ExportError naming the file at its destination and the space it needs."""
+    try:
+        Path(path).write_bytes(data)
+    except OSError as e:  # a failed write() names no file: this one does
+        error = OSError(e.errno, e.strerror, os.fspath(path))
+        error.bytes_needed = len(data)
+        raise error from e
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` via a temp file and os.replace: readers see old or new, never partial."""
     path = Path(path)
     try:
         fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path.name), dir=path.parent)
     except OSError as e:
-        raise _cannot_write(path, e) from None
+        raise _cannot_write(path, e) from e
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         with os.fdopen(fd, "wb", closefd=False) as f:
@@ -235,7 +253,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         if isinstance(e, OSError):
-            raise _cannot_write(path, e) from None
+            raise _cannot_write(path, e, len(data)) from e
         raise
     finally:
         os.close(fd)

@@ -2,9 +2,11 @@
 
 Built-in commands are listed in BUILTIN_COMMANDS (name -> "module:attr", imported on use).
 Other packages add commands through the entry-point group `mamba2_aot.commands`; they are
-listed by name and imported only when invoked. Errors: a Mamba2AOTError prints
-`error: <message>` and exits 2; anything unexpected prints a one-line internal error and
-exits 1 (set MAMBA2_AOT_DEBUG=1 for the traceback).
+listed by name and imported only when invoked. Errors: a Mamba2AOTError, or an OSError the
+environment causes (a full disk, permissions, a read-only file system, the file-size or
+open-file limits), prints `error: <message>` and exits 2; anything unexpected prints a
+one-line internal error and exits 1 (set MAMBA2_AOT_DEBUG=1 for the traceback, with the
+wrapped library's own). Warnings (Mamba2AOTWarning) print as one `warning: <message>` line each.
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ import importlib
 import os
 import sys
 import traceback
+import warnings
 
 import click
 
 from runtime import __version__
-from runtime.errors import Mamba2AOTError
+from runtime.environment import environment_problem
+from runtime.errors import Mamba2AOTError, Mamba2AOTWarning
 
 PLUGIN_GROUP = "mamba2_aot.commands"
 # name -> ("module:attr", short help shown by --help without importing the module)
@@ -56,7 +60,7 @@ def _load(name: str, target: str) -> click.Command:
         raise Mamba2AOTError(
             f"command {name!r} is unavailable ({target}: {reason}): "
             "install its optional dependencies, e.g. pip install 'mamba2-aot[export]'"
-        ) from None
+        ) from e
     if not isinstance(obj, click.Command):
         raise Mamba2AOTError(f"command {name!r} ({target}) is not a click command: reinstall the package providing it")
     return obj
@@ -127,8 +131,45 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
+def _warning_printer(previous):
+    """warnings.showwarning for the CLI: a Mamba2AOTWarning is one `warning:` line (once);
+    other warnings are shown as Python shows them."""
+    shown: set[str] = set()
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if not issubclass(category, Mamba2AOTWarning):
+            return previous(message, category, filename, lineno, file, line)
+        text = _one_line(str(message))
+        if text not in shown:
+            shown.add(text)
+            print(f"warning: {text}", file=sys.stderr)
+
+    return show
+
+
+def _quiet_unraisablehook(unraisable) -> None:
+    """Drop a library callback's stray traceback (MAMBA2_AOT_DEBUG=1 shows them)."""
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point (`mamba2-aot`)."""
+    if not _debug():  # the CLI owns its process: libraries' own noise stays off the terminal
+        import logging
+
+        logging.getLogger("absl").setLevel(logging.CRITICAL)  # orbax's absl ERROR lines
+        # Exceptions raised in libraries' native callbacks (tensorstore's "Event loop is closed"
+        # after orbax's failed read, many per failure, before and after the error line) are
+        # "unraisable": nothing catches them, sys.unraisablehook prints them.
+        sys.unraisablehook = _quiet_unraisablehook
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", Mamba2AOTWarning)
+        # jax's own line per unreadable compile-cache entry: the runtime says it once instead
+        warnings.filterwarnings("ignore", r"Error (reading|writing) persistent compilation cache", UserWarning)
+        warnings.showwarning = _warning_printer(warnings.showwarning)
+        _main(argv)
+
+
+def _main(argv: list[str] | None) -> None:
     try:
         rv = cli.main(args=argv, prog_name="mamba2-aot", standalone_mode=False)
     except click.exceptions.Abort:
@@ -147,6 +188,9 @@ def main(argv: list[str] | None = None) -> None:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
     except Exception as e:  # noqa: BLE001 - the one place that turns bugs into one line
+        problem = environment_problem(e)
+        if problem is not None:  # a full disk, permissions, limits: the user's to fix
+            _fail(problem, 2)
         if _debug():
             raise
         _fail(f"internal error: {type(e).__name__}: {e} (set MAMBA2_AOT_DEBUG=1 for a traceback)", 1)

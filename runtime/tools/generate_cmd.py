@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 import click
 
 from runtime.errors import RequestError
+
+WEIGHTS_HELP = ("HF checkpoint dir, .safetensors file or orbax checkpoint; `random`: seeded random weights "
+                "(--seed), whose outputs are meaningless.")
+
+
+def weights_arg(value: str | None):
+    """--weights as runtime.load takes it: None, "random", or a Path."""
+    return value if value in (None, "random") else Path(value)
 
 
 def _ids(values: tuple[str, ...]) -> list[list[int]]:
@@ -21,7 +28,7 @@ def _ids(values: tuple[str, ...]) -> list[list[int]]:
     return rows
 
 
-def _tokenizer(weights: Path | None, tokenizer: Path | None):
+def _tokenizer(weights, tokenizer: Path | None):
     """--tokenizer (a tokenizer.json or a directory holding one), else the checkpoint's
     tokenizer.json, loaded with HF `tokenizers`."""
     if tokenizer is not None:
@@ -30,37 +37,45 @@ def _tokenizer(weights: Path | None, tokenizer: Path | None):
             raise RequestError(f"--tokenizer {tokenizer}: no such file" if not tokenizer.exists() else
                                f"--tokenizer {tokenizer}: no tokenizer.json in that directory")
     else:
-        path = None if weights is None else (weights if weights.is_dir() else weights.parent) / "tokenizer.json"
+        checkpoint = isinstance(weights, Path)  # not None, not "random"
+        path = (weights if weights.is_dir() else weights.parent) / "tokenizer.json" if checkpoint else None
         if path is None or not path.is_file():
-            where = "no --weights given" if weights is None else f"no tokenizer.json beside {weights}"
+            where = f"no tokenizer.json beside {weights}" if checkpoint else "no checkpoint given"
             raise RequestError(f"--prompt needs the checkpoint's tokenizer.json ({where}): pass --tokenizer PATH "
                                "or --prompt-ids instead")
-    from tokenizers import Tokenizer
+    from runtime.extras import optional_import
 
+    tokenizers = optional_import("tokenizers", RequestError)
     try:
-        return Tokenizer.from_file(str(path))
-    except Exception as e:
-        raise RequestError(f"cannot read {path}: {e}") from None
+        return tokenizers.Tokenizer.from_file(str(path))
+    except Exception as e:  # noqa: BLE001 - tokenizers raises its own types
+        raise RequestError(f"cannot read {path}: {e}") from e
 
 
-def _check_request(artifact, prompts, max_new_tokens, temperature, top_k, top_p, min_p):
-    """Refuse a bad request from the manifest alone, before reading weights or compiling."""
+def _check_request(artifact, prompts, max_new_tokens, temperature, top_k, top_p, min_p, stop_ids, seed,
+                   block):
+    """Refuse a bad request from the manifest alone, before reading weights or compiling (the
+    same checks `LoadedModel.stream` makes)."""
     import dataclasses
 
+    from runtime.engine.requests import SamplingParams, check_new_tokens, check_prompts, check_stop_ids
     from runtime.format.manifest import read_manifest
-    from runtime.engine.requests import SamplingParams, check_new_tokens, check_prompts
 
     limits = dataclasses.asdict(read_manifest(artifact).limits)
     check_prompts(prompts, limits)
     if max_new_tokens is not None:
         check_new_tokens(max_new_tokens, limits)
     SamplingParams(temperature, top_k, top_p, min_p).check()
+    check_stop_ids(list(stop_ids) or None, limits)
+    if seed < 0:
+        raise RequestError(f"seed must be an integer >= 0 or a list of {len(prompts)} of them")
+    if block < 1:
+        raise RequestError(f"block must be a positive integer, got {block!r}")
 
 
 @click.command("generate")
 @click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("--weights", type=click.Path(path_type=Path),
-              help="HF checkpoint dir, .safetensors file or orbax checkpoint [default: seeded random].")
+@click.option("--weights", help=WEIGHTS_HELP + " Required.")
 @click.option("--prompt", "texts", multiple=True,
               help="Prompt text (needs --tokenizer or the checkpoint's tokenizer.json).")
 @click.option("--prompt-ids", "id_lists", multiple=True, help="Comma-separated token ids; repeat for a batch.")
@@ -86,18 +101,14 @@ def generate_command(artifact, weights, texts, id_lists, max_new_tokens, tempera
 
     if bool(texts) == bool(id_lists):
         raise RequestError("give prompts with either --prompt or --prompt-ids (not both, not neither)")
+    weights = weights_arg(weights)
     tokenizer = _tokenizer(weights, tokenizer_path) if texts or tokenizer_path is not None else None
     prompts = [tokenizer.encode(t).ids for t in texts] if texts else _ids(id_lists)
-    _check_request(artifact, prompts, max_new_tokens, temperature, top_k, top_p, min_p)
-    # Compiles for this request's size while the weights load.
-    with warnings.catch_warnings():  # the expiry warning is shown below as one `warning:` line
-        warnings.filterwarnings("ignore", "artifact passed its compatibility date", RuntimeWarning)
-        model = load(artifact, weights, seed=seed, prepare=[(len(prompts), max(map(len, prompts)))])
-    for message in model.warnings:
-        click.echo(f"warning: {message}", err=True)
-    if weights is None:
-        click.echo(f"note: no --weights given: using {model.weights_source}; outputs are meaningless",
-                   err=True)
+    _check_request(artifact, prompts, max_new_tokens, temperature, top_k, top_p, min_p, stop_ids, seed,
+                   block if stream else 1)
+    # Compiles for this request's size while the weights load. Its warnings (an expired artifact,
+    # random weights, the compile cache) are `warning:` lines (runtime.tools.cli).
+    model = load(artifact, weights, seed=seed, prepare=[(len(prompts), max(map(len, prompts)))])
     if max_new_tokens is None:
         max_new_tokens = min(64, model.limits["max_new_tokens"])
     kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed,

@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from runtime.environment import fmt_bytes
 from runtime.format.compat import expiry_warning, in_jax_window, jax_version
 from runtime.errors import Mamba2AOTError
 from runtime.format.manifest import Manifest, TensorSpec, read_manifest
@@ -58,14 +59,6 @@ def _args(tensors: tuple[TensorSpec, ...], collapse: int = 0) -> str:
 
 def _signature(name: str, inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...]) -> str:
     return f"{name}{_args(inputs)} -> {_args(outputs)}"
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"  # unreachable
 
 
 def _memory(m: Manifest) -> dict[str, Any] | None:
@@ -136,10 +129,10 @@ def _memory_rows(mem: dict | None) -> list[tuple[str, str]]:
     if mem is None:
         return []
     return [("memory", ""),
-            ("  state", f"{_size(mem['state_bytes_per_sequence'])} per sequence whatever its length, "
-                        f"{_size(mem['state_bytes_at_max_batch'])} at max_batch"),
-            ("  prefill", f"at most {_size(mem['prefill_activation_bytes'])} of temporaries per call"),
-            ("  bound", f"no request allocates more than {_size(mem['request_bound_bytes'])} beyond the weights")]
+            ("  state", f"{fmt_bytes(mem['state_bytes_per_sequence'])} per sequence whatever its length, "
+                        f"{fmt_bytes(mem['state_bytes_at_max_batch'])} at max_batch"),
+            ("  prefill", f"at most {fmt_bytes(mem['prefill_activation_bytes'])} of temporaries per call"),
+            ("  bound", f"no request allocates more than {fmt_bytes(mem['request_bound_bytes'])} beyond the weights")]
 
 
 def _kv(d: dict) -> str:
@@ -187,8 +180,8 @@ def render(info: dict[str, Any]) -> str:
         rows.append(("", "files: " + ", ".join(f"{plat} {rel}" for plat, rel in fn["files"].items())))
     rows.append(("files", ""))
     for rel, rec in info["files"].items():
-        rows.append((f"  {rel}", _size(rec["bytes"])))
-    rows.append(("  total", f"{_size(info['total_bytes'])} in {len(info['files'])} files"))
+        rows.append((f"  {rel}", fmt_bytes(rec["bytes"])))
+    rows.append(("  total", f"{fmt_bytes(info['total_bytes'])} in {len(info['files'])} files"))
     width = max(len(k) for k, _ in rows) + 2
     return "\n".join(f"{k:<{width}}{v}".rstrip() for k, v in rows)
 

@@ -10,7 +10,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from runtime.engine.checkpoints import ORBAX_CONFIG
-from runtime.errors import ExportError
+from runtime.environment import environment_problem, fmt_bytes, free_space
+from runtime.errors import ExportError, describe
 from runtime.format.manifest import MANIFEST_NAME, encode_manifest
 from runtime.tools.atomic import atomic_directory, atomic_write_bytes
 
@@ -45,18 +46,34 @@ def save_orbax(params: Mapping[str, Any], path, config: Mapping | None = None, *
         except (TypeError, ValueError) as e:
             raise ExportError(f"the config for {dest} is not JSON-serializable: {e}") from None
 
-    import orbax.checkpoint as ocp  # lazily: only orbax checkpoints need it
+    from runtime.extras import optional_import
+
+    ocp = optional_import("orbax.checkpoint", ExportError)  # only orbax checkpoints need it
+    need = sum(a.nbytes for a in arrays.values())
+    free = free_space(dest.parent)
+    if free is not None and free < need:  # refused up front: orbax's own failure is noisy
+        raise ExportError(f"cannot write {dest}: not enough space on its device; it needs {fmt_bytes(need)}, "
+                          f"{fmt_bytes(free)} free there: free some space or write elsewhere")
 
     with atomic_directory(dest, force=force) as tmp:
         inner = tmp / "orbax"  # orbax wants a fresh directory; its files then move up one level
         try:
             ocp.PyTreeCheckpointer().save(inner, args=ocp.args.PyTreeSave(arrays))
         except Exception as e:  # noqa: BLE001 - orbax raises many types
-            raise ExportError(f"cannot write the orbax checkpoint {dest}: {type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''}") from None
+            problem = environment_problem(e, dest, need) or _full_disk(e, dest, need)
+            raise ExportError(problem or f"cannot write the orbax checkpoint {dest}: {describe(e)}") from e
         for entry in list(inner.iterdir()):
             os.rename(entry, tmp / entry.name)
         inner.rmdir()
         if config_text is not None:
             (tmp / ORBAX_CONFIG).write_text(config_text + "\n")
     return dest
+
+
+def _full_disk(e: BaseException, dest: Path, need: int) -> str | None:
+    """orbax (tensorstore) reports a full disk as text, not as an OSError."""
+    if "No space left on device" not in str(e):
+        return None
+    import errno
+
+    return environment_problem(OSError(errno.ENOSPC, "No space left on device"), dest, need)
