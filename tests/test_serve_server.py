@@ -376,14 +376,20 @@ def test_command_line_errors_are_one_line(serve_art, tmp_path):
              (("serve", serve_art.path, "--slots", "3"), "batch buckets (1, 2, 4, 8)"),
              (("serve", serve_art.path, "--block", "17"), "[1, 16]"),
              (("serve", serve_art.path, "--tokenizer", tmp_path), "no tokenizer.json")]
+    cases = [((*args, "--weights", "random"), words) for args, words in cases]
+    # a load that fails after the port is taken: the server stops and says why
+    cases.append((("serve", serve_art.path, "--port", "0", "--weights", tmp_path / "nope.safetensors"), "nope"))
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
-        cases.append((("serve", serve_art.path, "--port", str(taken.getsockname()[1])), "cannot listen"))
+        cases.append((("serve", serve_art.path, "--weights", "random", "--port", str(taken.getsockname()[1])),
+                      "cannot listen"))
         for args, words in cases:
             r = run_cli(*args, env=env, blocked=HEAVY)
             lines = [ln for ln in r.stderr.splitlines() if not ln.startswith("LEAKED=")]
             assert r.returncode == 2 and lines[-1].startswith("error: ") and words in lines[-1], r.stderr
             assert not any("Traceback" in ln for ln in lines)
-    r = run_cli("serve", serve_art.path, env=env, blocked=HEAVY + ("fastapi",))
+    r = run_cli("serve", serve_art.path, "--weights", "random", env=env, blocked=HEAVY + ("fastapi",))
     assert r.returncode == 2 and "pip install 'mamba2-aot[serve]'" in r.stderr
+    r = run_cli("serve", serve_art.path, env=env)
+    assert r.returncode == 2 and "Missing option '--weights'" in r.stderr

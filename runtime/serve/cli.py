@@ -30,7 +30,7 @@ def _check_extras() -> None:
 
 @click.command("serve")
 @click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("--weights", help=WEIGHTS_HELP + " Required.")
+@click.option("--weights", required=True, help=WEIGHTS_HELP)
 @click.option("--tokenizer", type=click.Path(path_type=Path),
               help="A tokenizer.json or a directory holding one (and tokenizer_config.json with the chat "
                    "template) [default: the checkpoint's; none: prompts must be token ids].")
