@@ -122,16 +122,9 @@ class SafetensorsCheckpoint(Checkpoint):
     def __init__(self, path: Path, files: Mapping[str, Path] | list[Path], config: dict | None):
         self.path = path
         self.config = config
-<<<<<<< HEAD
-        self._maps: dict[Path, tuple[np.memmap, int, dict[str, tuple[int, int]]]] = {}
-        self._where: dict[str, Path] = {}  # tensor name -> its file
-=======
-        self._handles: dict[Path, Any] = {}
         self._maps: dict[Path, tuple[np.ndarray, int, dict[str, tuple[int, int]]]] = {}
         self._raw: dict[Path, mmap.mmap] = {}  # the maps themselves (views of them are handed out)
-        self._keys: dict[Path, set[str]] = {}
-        self._where: dict[str, tuple[Path, Any]] = {}
->>>>>>> llama
+        self._where: dict[str, Path] = {}  # tensor name -> its file
         self._meta: dict[str, tuple[tuple[int, ...], str]] = {}
         if isinstance(files, Mapping):  # sharded: {tensor name: shard file}
             by_file: dict[Path, list[str]] = {}
@@ -193,7 +186,7 @@ class SafetensorsCheckpoint(Checkpoint):
             self._release(name)
 
     def _release(self, name: str) -> None:
-        file = self._where[name][0]
+        file = self._where[name]
         raw, data_start = self._raw[file], self._maps[file][1]
         begin, end = self._maps[file][2][name]
         start = (data_start + begin) // mmap.PAGESIZE * mmap.PAGESIZE
