@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 from runtime.engine.generation import validate
 from runtime.errors import RequestError
 from runtime.serve import schemas
-from runtime.serve.errors import ApiError
+from runtime.serve.errors import ApiError, invalid
 from runtime.serve.scheduler import QueueFull, Sequence, Update
 from runtime.serve.text import TextStream
 
@@ -77,9 +77,9 @@ class Exchange:
         limits = model.limits
         for p in prompts:
             if not p:
-                raise schemas.invalid("prompt", "the prompt is empty after tokenization")
+                raise invalid(self._prompt_param(), "the prompt is empty after tokenization")
             if len(p) > limits["max_prompt_tokens"]:
-                raise schemas.invalid(self._prompt_param(), f"the prompt has {len(p)} tokens, over the artifact's "
+                raise invalid(self._prompt_param(), f"the prompt has {len(p)} tokens, over the artifact's "
                                       f"limit of {limits['max_prompt_tokens']}")
         self.prompt_tokens = sum(map(len, prompts))
         deadline = None if svc.config.request_timeout is None else self.arrived + svc.config.request_timeout

@@ -102,7 +102,6 @@ class Scheduler:
         self._stopping = False
         self._busy = 0
         self._thread: threading.Thread | None = None
-        self.turns = 0  # loop turns that did work (tests and metrics)
 
     # -- shapes the loop uses (compiled before the server says it is ready) -------------------
     def _chunk_length(self, B: int, chunk: int) -> int:
@@ -134,7 +133,6 @@ class Scheduler:
                 self._queue.extend(seqs)
                 admitted = self._take_queue()
             self._turn(None, [], set(), admitted)
-        self.turns = 0
 
     # -- called from other threads -----------------------------------------------------------
     @property
@@ -222,7 +220,6 @@ class Scheduler:
 
     def _turn(self, abort: str | None, dropped: list[Sequence], cancelled: set[Sequence],
               admitted: list[Sequence]) -> None:
-        self.turns += 1
         if abort:
             for seq in dropped:
                 seq.phase = "done"
