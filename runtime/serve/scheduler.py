@@ -118,11 +118,11 @@ class Scheduler:
         return list(self._batch_buckets)
 
     def warm_up(self) -> None:
-        """Before serving (the loop not started): one 1-token sequence, then a full batch of them,
-        through validation, admission and a decode block, so the small array programs on those
-        paths compile now rather than on the first requests. Leaves the slots empty and the
-        prefix cache untouched."""
-        for count in sorted({1, self.n}):
+        """Before serving (the loop not started): 1, 2, ..., N one-token sequences at a time
+        through validation, admission and a decode block, so the small array programs those
+        paths use (one per row count or batch bucket) compile now rather than on the first
+        requests. Leaves the slots empty and the prefix cache untouched."""
+        for count in range(1, self.n + 1):
             req = validate(self.model, [[self._pad]] * count, 1, temperature=1.0, seed=0, ignore_eos=True)
             seqs = []
             for row, key in zip(req.rows, req.keys):
