@@ -290,9 +290,12 @@ def main(argv=None) -> int:
 
     vocab = read_manifest(artifact).limits.vocab_size
     server = Server(a, artifact, a.out / "server.log")
+    from bench_lib.common import versions
+
     result = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "argv": sys.argv[1:], "artifact": str(artifact),
               "server_args": server.args, "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                                                       "python": platform.python_version()},
+              "versions": versions(("jax", "jaxlib", "numpy", "fastapi", "uvicorn", "httpx", "mamba2-aot")),
               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
               "scenarios": [], "skipped": []}
     try:

@@ -23,6 +23,7 @@ def test_bench_serve_quick(serve_art, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads((out / "bench-serve.json").read_text())
     assert [s["clients"] for s in res["scenarios"]] == [1, 4] and res["server_exit"] == 0
+    assert res["versions"]["jax"] and res["server_args"][0] == "serve"
     for s in res["scenarios"]:
         for run in ("concurrent", "sequential"):
             summary = s[run]
