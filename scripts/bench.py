@@ -60,7 +60,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 os.environ.setdefault("MAMBA2_BENCH_T0", str(time.time()))
 
-from bench_lib.common import log, model_accounting  # noqa: E402
+from bench_lib.common import log, model_accounting, versions  # noqa: E402
 
 ALL_SYSTEMS = ("runtime", "live", "hostloop", "hf")
 ALL_MEASURES = ("prefill", "decode", "position", "start", "roofline", "big")
@@ -273,22 +273,7 @@ def machine_info() -> dict:
     return info
 
 
-def versions() -> dict:
-    from importlib import metadata
-
-    out = {}
-    for dist in ("jax", "jaxlib", "numpy", "flax", "safetensors", "torch", "transformers", "matplotlib",
-                 "mamba2-aot"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = None
-    try:
-        out["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
-                                           text=True, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        out["git_commit"] = None
-    return out
+VERSIONED = ("jax", "jaxlib", "numpy", "flax", "safetensors", "torch", "transformers", "matplotlib", "mamba2-aot")
 
 
 def model_spec(name: str, layers: int | None, label: str, a, work: Path) -> dict:
@@ -357,7 +342,7 @@ def main(argv=None) -> int:
     results: dict = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
         "argv": sys.argv[1:] if argv is None else list(argv),
-        "machine": machine_info(), "versions": versions(),
+        "machine": machine_info(), "versions": versions(VERSIONED),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()
                      if k not in ("worker", "spec", "result")}
                     | {"prompt_len": spec["prompt_len"], "prefill_T": a.prefill_tokens,

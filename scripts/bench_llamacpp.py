@@ -58,7 +58,7 @@ for p in (HERE, REPO):
 os.environ.setdefault("MAMBA2_BENCH_T0", str(time.time()))
 
 from bench_lib import llamacpp  # noqa: E402
-from bench_lib.common import fmt, log, prompt_tokens  # noqa: E402
+from bench_lib.common import fmt, log, prompt_tokens, versions  # noqa: E402
 
 QUANTS = ("f32", "f16", "q8_0", "q4_0")
 MEASURES = ("tokens", "decode", "prefill", "rss")
@@ -215,23 +215,6 @@ def machine_info() -> dict:
     return info
 
 
-def versions() -> dict:
-    from importlib import metadata
-
-    out = {}
-    for dist in ("jax", "jaxlib", "numpy", "torch", "transformers", "mamba2-aot"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = None
-    try:
-        out["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
-                                           text=True, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        out["git_commit"] = None
-    return out
-
-
 def plan(a) -> list[tuple[str, dict]]:
     """The measures of one round: (key, parameters)."""
     out = []
@@ -357,7 +340,7 @@ def orchestrate(a) -> int:
     label = a.model + (f"-L{a.layers}" if a.layers else "")
     results: dict = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
-        "argv": sys.argv[1:], "machine": machine_info(), "versions": versions(),
+        "argv": sys.argv[1:], "machine": machine_info(), "versions": versions(("jax", "jaxlib", "numpy", "torch", "transformers", "mamba2-aot")),
         "settings": {"repeats": a.repeats, "quants": a.quants, "decode_batches": a.decode_batches,
                      "decode_tokens": a.decode_tokens, "prompt_len": a.prompt_len,
                      "prefill_tokens": a.prefill_tokens, "threads": a.threads, "seed": a.seed,

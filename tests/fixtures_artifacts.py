@@ -53,14 +53,22 @@ HEAVY = ("exporter", "flax", "tensorflow", "torch")
 
 
 def blocker_prelude(blocked) -> str:
-    """Python source that makes `blocked` top-level packages unimportable; put it first."""
+    """Python source that makes `blocked` top-level packages unimportable; put it first.
+
+    A blocked package looks installed (importlib.util.find_spec finds it, as jax's cache code
+    asks through etils) but importing it raises ImportError."""
     return textwrap.dedent(f"""
-        import sys
+        import importlib.abc, importlib.machinery, sys
         _BLOCKED = {sorted(set(blocked))!r}
+        class _Refuse(importlib.abc.Loader):
+            def create_module(self, spec):
+                raise ImportError(f"blocked import of {{spec.name}}")
+            def exec_module(self, module):
+                raise ImportError(f"blocked import of {{module.__name__}}")
         class _Blocker:
             def find_spec(self, name, path=None, target=None):
                 if name.split(".")[0] in _BLOCKED:
-                    raise ImportError(f"blocked import of {{name}}")
+                    return importlib.machinery.ModuleSpec(name, _Refuse())
         sys.meta_path.insert(0, _Blocker())
         def _leaked():
             return sorted({{m.split(".")[0] for m in sys.modules}} & set(_BLOCKED))

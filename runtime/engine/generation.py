@@ -15,9 +15,9 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from runtime.engine.requests import (RowSettings, bucket, check_new_tokens, check_prompt, check_prompts,
-                                     check_stop_ids, per_row)
+                                     check_stop_ids, pack, per_row)
 from runtime.engine.rng import row_keys
-from runtime.engine.state import State
+from runtime.engine.state import State, take_row
 from runtime.errors import RequestError
 
 
@@ -114,7 +114,7 @@ def validate(model, prompts, max_new_tokens=64, *, temperature=0.0, top_k=0, top
     return Requests(rows, settings, keys)
 
 
-def _use_prefix_cache(model, rows: list[Row]) -> None:
+def use_prefix_cache(model, rows: list[Row]) -> None:
     """Start each row from the longest cached state whose history its tokens extend."""
     cache = model.prefix_cache
     if cache is None:
@@ -128,11 +128,24 @@ def _use_prefix_cache(model, rows: list[Row]) -> None:
             row.feed = list(row.history[len(hit.tokens):])
 
 
-def _row_state(model, state, logits, i: int, num_tokens: int, history) -> State:
-    import jax
+def row_state(model, state, logits, i: int, num_tokens: int, history) -> State:
+    """Row i of a batch (its state and logits [1, V]) as a State of `num_tokens` tokens."""
+    return State(tuple(model.state_layout.take(state, i)), take_row(logits, i), num_tokens, model.artifact_id,
+                 history)
 
-    return State(tuple(model.state_layout.take(state, i)), jax.lax.slice_in_dim(logits, i, i + 1, axis=0),
-                 num_tokens, model.artifact_id, history)
+
+def start_batch(model, rows: list[Row], B: int):
+    """The batch the rows start from: (state of B rows, logits [B, V] or None when no row has a
+    start state); rows beyond the first len(rows), and rows without a start, are fresh."""
+    import jax.numpy as jnp
+
+    if not model.convention.carries_state:
+        return None, None
+    state = model.state_layout.stack([r.start.leaves if r.start else None for r in rows], B)
+    if not any(r.start is not None for r in rows):
+        return state, None
+    zero = jnp.zeros((1, model.limits["vocab_size"]), jnp.float32)
+    return state, jnp.concatenate([r.start.logits if r.start else zero for r in rows] + [zero] * (B - len(rows)))
 
 
 def ingest(model, rows: list[Row], B: int):
@@ -140,13 +153,8 @@ def ingest(model, rows: list[Row], B: int):
     With a prefix cache, a snapshot is kept at every segment boundary inside a prompt."""
     import jax.numpy as jnp
 
-    layout, conv = model.state_layout, model.convention
-    n, V = len(rows), model.limits["vocab_size"]
-    state = layout.stack([r.start.leaves if r.start else None for r in rows], B) if conv.carries_state else None
-    logits = None
-    if any(r.start is not None for r in rows):
-        zero = jnp.zeros((1, V), jnp.float32)
-        logits = jnp.concatenate([r.start.logits if r.start else zero for r in rows] + [zero] * (B - n))
+    n = len(rows)
+    state, logits = start_batch(model, rows, B)
     seg = model.segment_length(B)
     prompt_buckets = model.manifest.buckets.prompt
     pad = model.manifest.tokens.pad_id or 0
@@ -157,13 +165,7 @@ def ingest(model, rows: list[Row], B: int):
         if max(rem) <= 0:
             break
         T = bucket(min(max(rem), seg), prompt_buckets)
-        tokens = np.full((B, T), pad, np.int32)  # [B, T]
-        lengths = np.zeros((B,), np.int32)
-        for i, r in enumerate(rows):
-            k = min(rem[i], T)
-            if k > 0:
-                tokens[i, :k] = r.feed[pos[i]:pos[i] + k]
-                lengths[i] = k
+        tokens, lengths = pack([r.feed[p:p + T] for r, p in zip(rows, pos)], B, T, pad)
         if first:  # queue decode's compile beside prefill's
             model._prepare_buckets(B, T)
             first = False
@@ -175,7 +177,7 @@ def ingest(model, rows: list[Row], B: int):
                 if lengths[i] and pos[i] < len(r.feed) and r.history is not None:
                     done = len(r.history) - len(r.feed) + pos[i]
                     model.prefix_cache.insert(
-                        _row_state(model, state, logits, i, r.start_tokens + pos[i], r.history[:done]))
+                        row_state(model, state, logits, i, r.start_tokens + pos[i], r.history[:done]))
     return logits, state
 
 
@@ -184,7 +186,7 @@ def run(model, requests: Requests, block: int, want_states: bool) -> Iterator:
     from runtime.engine.model import Generation
 
     rows = requests.rows
-    _use_prefix_cache(model, rows)
+    use_prefix_cache(model, rows)
     n = len(rows)
     B = bucket(n, model.manifest.buckets.batch)
     logits, state = ingest(model, rows, B)
@@ -224,7 +226,7 @@ def _final_states(model, rows, state, logits, generated, want: bool) -> list[Sta
     out = []
     for i, (r, new) in enumerate(zip(rows, generated)):
         history = None if r.history is None else r.history + tuple(new)
-        s = _row_state(model, state, logits, i, r.start_tokens + len(r.feed) + len(new), history)
+        s = row_state(model, state, logits, i, r.start_tokens + len(r.feed) + len(new), history)
         if model.prefix_cache is not None:
             model.prefix_cache.insert(s)
         out.append(s)
@@ -253,10 +255,10 @@ def ingest_one(model, prompt, state: State | None) -> State:
     prompt = check_prompt(0, prompt, model.limits, allow_empty=start is not None)
     history = tuple(prompt) if start is None else (start.tokens + tuple(prompt) if start.tokens is not None else None)
     row = Row(list(prompt), start, history, 0, np.zeros((0,), np.int32))
-    _use_prefix_cache(model, [row])
+    use_prefix_cache(model, [row])
     B = bucket(1, model.manifest.buckets.batch)
     logits, st = ingest(model, [row], B)
-    s = _row_state(model, st, logits, 0, row.start_tokens + len(row.feed), history)
+    s = row_state(model, st, logits, 0, row.start_tokens + len(row.feed), history)
     if model.prefix_cache is not None:
         model.prefix_cache.insert(s)
     return s

@@ -35,6 +35,7 @@ from runtime.format.manifest import Manifest, read_manifest
 from runtime.engine.placement import from_manifest as placement_from_manifest
 from runtime.engine.programs import Programs, solve_dims
 from runtime.engine.convention import convention
+from runtime.engine.memory import release_freed_memory
 from runtime.engine.prefix_cache import PrefixCache
 from runtime.engine.requests import RowSettings, SamplingParams, bucket, is_int
 from runtime.engine.startup import gc_paused
@@ -106,6 +107,7 @@ class LoadedModel:
         self.placement = placement_from_manifest(self.manifest, spec)
         cached = use_compile_cache and compile_cache.enable(warn=self._warn) is not None
         self._programs: Programs | None = None
+        self._ran: set = set()  # programs that have run once (runtime.engine.memory)
         key = compile_cache.artifact_key(
             {fn.files[self.platform]: self.manifest.files[fn.files[self.platform]].sha256
              for fn in self.manifest.functions.values()}, self.platform)
@@ -217,6 +219,23 @@ class LoadedModel:
         the first such request then finds them ready. No-op for multi-device artifacts."""
         self._prepare_buckets(*self._buckets_for(batch, prompt_tokens))
 
+    def compile_buckets(self, prefill: Sequence[tuple[int, int]] = (), decode: Sequence[int] = (),
+                        wait: bool = True) -> None:
+        """Compile prefill for each exact (batch bucket, prompt bucket) and decode for each batch
+        bucket (or load them from the persistent cache). All are queued for the compile worker;
+        with wait=True this returns once every one is ready, compiling queued ones itself
+        meanwhile. A server calls it before it answers ready. No-op for multi-device artifacts
+        (they compile on first use)."""
+        if self._programs is None:
+            return
+        fns = self.manifest.functions
+        jobs = [("prefill", solve_dims(fns["prefill"], {"tokens": (B, T)})) for B, T in prefill]
+        jobs += [("decode", solve_dims(fns["decode"], {"finished": (B,)})) for B in decode]
+        for name, dims in jobs:
+            self._programs.prepare(name, dims)
+        for name, dims in jobs if wait else ():
+            self._programs.get(name, dims)
+
     def _prepare_buckets(self, B: int, T: int) -> None:
         if self._programs is not None:
             fns = self.manifest.functions
@@ -227,7 +246,13 @@ class LoadedModel:
         if self._programs is None:
             return self._fns[name](*args)
         dims = solve_dims(self.manifest.functions[name], shapes)
-        return self._programs.get(name, dims)(*args)
+        key = (name, tuple(sorted(dims.items())))
+        out = self._programs.get(name, dims)(*args)
+        if key not in self._ran:  # a program's first run leaves one-off buffers in glibc's arenas
+            self._ran.add(key)
+            jax.block_until_ready(out)
+            release_freed_memory()
+        return out
 
     # -- raw calls (shapes already bucketed) --------------------------------------------------
     def empty_state(self, batch: int):

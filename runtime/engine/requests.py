@@ -160,13 +160,18 @@ def bucket(n: int, buckets: Sequence[int]) -> int:
     return n
 
 
+def pack(chunks: list[list[int]], B: int, T: int, pad: int = 0):
+    """Each row's tokens for one prefill call (at most T each), right-padded:
+    (tokens int32[B, T], lengths int32[B]); rows beyond len(chunks) have length 0."""
+    tokens = np.full((B, T), pad, np.int32)  # [B, T]
+    lengths = np.zeros((B,), np.int32)
+    for i, chunk in enumerate(chunks):
+        tokens[i, :len(chunk)] = chunk
+        lengths[i] = len(chunk)
+    return tokens, lengths
+
+
 def pad_batch(prompts: list[list[int]], buckets: dict, pad_id: int = 0):
     """Right-pad into tokens int32[B, T] and lengths int32[B] (padding rows have length 0)."""
     B = bucket(len(prompts), buckets["batch"])
-    T = bucket(max(len(p) for p in prompts), buckets["prompt"])
-    tokens = np.full((B, T), pad_id, np.int32)  # [B, T]
-    lengths = np.zeros((B,), np.int32)
-    for i, p in enumerate(prompts):
-        tokens[i, : len(p)] = p
-        lengths[i] = len(p)
-    return tokens, lengths
+    return pack(prompts, B, bucket(max(len(p) for p in prompts), buckets["prompt"]), pad_id)

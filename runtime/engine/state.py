@@ -90,11 +90,9 @@ class StateLayout:
         return self.nest([jnp.zeros(leaf.shape_for(batch), leaf.dtype) for leaf in self.leaves])
 
     def take(self, state: Mapping, row: int) -> list:
-        """Row `row` of a batch, as leaves with a batch dimension of 1 (device copies)."""
-        import jax
-
-        return [jax.lax.slice_in_dim(a, row, row + 1, axis=leaf.axis)
-                for leaf, a in zip(self.leaves, self.flat(state))]
+        """Row `row` of a batch, as leaves with a batch dimension of 1 (device copies; one
+        compiled program per leaf shape, whatever the row)."""
+        return [take_row(a, row, leaf.axis) for leaf, a in zip(self.leaves, self.flat(state))]
 
     def stack(self, rows: Sequence[Sequence | None], batch: int) -> dict:
         """A batch from per-row leaves (None: a fresh row), padded with fresh rows to `batch`."""
@@ -118,6 +116,25 @@ class StateLayout:
         dest = jnp.asarray(np.asarray(dest, np.int32))
         out = [_put(a, r, dest, leaf.axis) for leaf, a, r in zip(self.leaves, self.flat(slots), self.flat(rows))]
         return self.nest(out)
+
+
+def take_row(a, row: int, axis: int = 0):
+    """Row `row` of `a` along `axis`, keeping the axis (size 1); the row is a traced index."""
+    global _TAKE
+    if _TAKE is None:
+        import functools
+
+        import jax
+
+        @functools.partial(jax.jit, static_argnums=2)
+        def take(a, row, axis):
+            return jax.lax.dynamic_slice_in_dim(a, row, 1, axis=axis)
+
+        _TAKE = take
+    return _TAKE(a, np.int32(row), axis)
+
+
+_TAKE = None
 
 
 def _put(slots, rows, dest, axis: int):

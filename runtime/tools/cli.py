@@ -29,6 +29,7 @@ BUILTIN_COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("runtime.tools.inspect_cmd:inspect_command", "Show what an artifact contains and where it runs."),
     "generate": ("runtime.tools.generate_cmd:generate_command", "Generate from an artifact plus weights."),
     "convert-weights": ("runtime.tools.convert_cmd:convert_command", "Write an artifact's weights as an orbax checkpoint."),
+    "serve": ("runtime.serve.cli:serve_command", "Serve an artifact over an OpenAI-compatible HTTP API."),
 }
 
 

@@ -112,3 +112,23 @@ def fmt(v, digits: int = 3) -> str:
 
 def eprint(*a) -> None:
     print(*a, file=sys.stderr, flush=True)
+
+
+def versions(dists: tuple[str, ...]) -> dict:
+    """Installed versions of `dists` (None when absent) and the repository's git commit."""
+    import subprocess
+    from importlib import metadata
+    from pathlib import Path
+
+    out = {}
+    for dist in dists:
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    try:
+        out["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parents[2],
+                                           capture_output=True, text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        out["git_commit"] = None
+    return out
