@@ -7,6 +7,11 @@ import errno
 import os
 import shutil
 
+try:  # imported up front: at the open-file limit, importing it then would fail (EMFILE)
+    import resource
+except ImportError:  # not on every platform
+    resource = None
+
 
 def fmt_bytes(n: int) -> str:
     """`69.7 KiB`, as sizes appear in messages and `inspect` (binary units, as `df -h` counts)."""
@@ -31,10 +36,8 @@ def free_space(path) -> int | None:
 def _limit(name: str) -> int | None:
     """This process's soft resource limit `name` (RLIMIT_FSIZE in bytes), None if unlimited/unknown."""
     try:
-        import resource
-
         soft = resource.getrlimit(getattr(resource, name))[0]
-    except (ImportError, AttributeError, OSError, ValueError):
+    except (AttributeError, OSError, ValueError):  # resource None, or no such limit here
         return None
     return None if soft == getattr(resource, "RLIM_INFINITY", -1) else soft
 
