@@ -13,18 +13,16 @@ import click
 @click.option("--force", is_flag=True, help="Replace an existing OUT.")
 def convert_checkpoint_command(src, out, force):
     """Convert SRC (a mamba_ssm checkpoint dir, a pytorch_model.bin, a sharded .bin set's index, or
-    mistral's params.json + consolidated.safetensors dir) into an HF-format checkpoint at OUT.
+    mistral's params.json + consolidated.safetensors dir) into an HF-format checkpoint at OUT
+    (a mamba_ssm hybrid: its own config.json and tensor names, in safetensors).
 
     Pickled weights are read by a restricted reader that can only build tensors (it never runs
     code from the file); OUT is written atomically."""
     from exporter.conversion import convert_checkpoint
 
     done = convert_checkpoint(src, out, force=force)
-    cfg = done.config
     click.echo(f"converted {done.kind} checkpoint {src} -> {out}: {done.tensors} tensors, "
-               f"{done.bytes / 1e9:.2f} GB ({', '.join(done.dtypes)}); {cfg.num_hidden_layers} layers, "
-               f"d_model {cfg.hidden_size}, vocab {cfg.vocab_size}, "
-               f"{'tied' if cfg.tie_word_embeddings else 'untied'} head")
+               f"{done.bytes / 1e9:.2f} GB ({', '.join(done.dtypes)}); {done.summary}")
     if "tokenizer.json" in done.tokenizer_files:
         click.echo(f"  tokenizer: {', '.join(done.tokenizer_files)}")
     else:

@@ -203,3 +203,68 @@ def test_attention_conv_decode_equals_prefill(tmp_path, fast_jit):
     _, mid = runner.prefill(runner.empty(2), *right_pad([f[:5] for f in full], 32))
     lg, _ = runner.prefill(mid, *right_pad([f[5:len(r) + 11] for r, f in zip(rows, full)], 32))
     assert rel_diff(lg, step_logits[:, 11]) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# As the state-spaces repositories ship them: a pickled pytorch_model.bin, converted.
+
+
+def test_pickled_hybrid_checkpoint_converts_and_gives_hf_tokens(tmp_path, capfd, fast_jit):
+    """mamba2attn's layout as shipped (torch.save of the state dict, the tied head sharing the
+    embedding's storage): `convert-checkpoint` writes its tensors, bit for bit and under their own
+    names, to safetensors beside the unchanged config.json; the converted directory loads, and its
+    greedy tokens equal HF Bamba's."""
+    import collections
+
+    import torch
+    from safetensors.numpy import load_file
+
+    import hybrid_reference as ref
+    from test_errors_cli import cli
+
+    hf = ref.make_hf_model("bamba", seed=7, **BAMBA)
+    stored = write_mamba_ssm_checkpoint(hf, tmp_path / "stored", with_mlp=True)
+    tensors = load_file(str(stored / "model.safetensors"))
+    sd = collections.OrderedDict((k, torch.from_numpy(v.copy())) for k, v in tensors.items())
+    sd["lm_head.weight"] = sd["backbone.embedding.weight"]  # mamba_ssm ties by sharing the tensor
+    src = tmp_path / "mamba2attn"
+    src.mkdir()
+    torch.save(sd, src / "pytorch_model.bin")
+    (src / "config.json").write_text((stored / "config.json").read_text())
+
+    code, out, err = cli(capfd, "convert-checkpoint", src, tmp_path / "out")
+    assert code == 0, err
+    assert "converted mamba_ssm hybrid checkpoint" in out and "4 layers (2 Mamba-2, 2 attention)" in out
+    assert "tied head" in out and f"{len(tensors)} tensors" in out
+    converted = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert converted.keys() == tensors.keys()
+    for name, value in tensors.items():
+        assert converted[name].dtype == value.dtype and np.array_equal(converted[name], value), name
+    assert json.loads((tmp_path / "out" / "config.json").read_text()) == json.loads((src / "config.json").read_text())
+
+    cfg, model = load_hybrid(str(tmp_path / "out"))
+    runner = HybridRunner(model, fast_jit)
+    row = prompts([21], cfg.vocab_size, seed=5)[0]
+    logits, state = runner.prefill(runner.empty(1), *right_pad([row], PAD_T))
+    ours, _, _ = runner.greedy(logits, state, 16)
+    assert ours[0].tolist() == ref.hf_greedy(hf, row, 16)[0]
+
+
+def test_pickled_hybrid_checkpoint_that_disagrees_is_refused(tmp_path, capfd):
+    """A tensor missing from the pickle: one line naming it, nothing written."""
+    import torch
+    from safetensors.numpy import load_file
+
+    import hybrid_reference as ref
+    from test_errors_cli import cli, error_line
+
+    stored = write_mamba_ssm_checkpoint(ref.make_hf_model("bamba", seed=7, **BAMBA), tmp_path / "stored", True)
+    sd = {k: torch.from_numpy(v.copy()) for k, v in load_file(str(stored / "model.safetensors")).items()
+          if k != "backbone.layers.2.mlp.fc2.weight"}
+    src = tmp_path / "src"
+    src.mkdir()
+    torch.save(sd, src / "pytorch_model.bin")
+    (src / "config.json").write_text((stored / "config.json").read_text())
+    code, _, err = cli(capfd, "convert-checkpoint", src, tmp_path / "out")
+    error_line(code, err, "backbone.layers.2.mlp.fc2.weight is missing", "2 Mamba-2, 2 attention")
+    assert not (tmp_path / "out").exists()
