@@ -57,14 +57,14 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--slots", type=int, default=None, help="server --slots [16; quick: 4]")
     p.add_argument("--block", type=int, default=None, help="server --block [16; quick: 8]")
-    p.add_argument("--prefill-chunk", type=int, default=None, help="server --prefill-chunk [512; quick: 64]")
+    p.add_argument("--prefill-chunk", type=int, default=None, help="server --prefill-chunk [1024; quick: 64]")
     p.add_argument("--max-seconds", type=float, default=None, help="whole-run bound [1800; quick: 300]")
     p.add_argument("--request-timeout", type=float, default=600.0)
     a = p.parse_args(argv)
     quick = a.quick
     for name, full, small in (("clients", "1,4,8,16", "1,4"), ("requests_per_client", 2, 2),
                               ("prompt_tokens", 128, 16), ("max_tokens", 128, 16), ("long_prompt_tokens", 2048, 100),
-                              ("slots", 16, 4), ("block", 16, 8), ("prefill_chunk", 512, 64),
+                              ("slots", 16, 4), ("block", 16, 8), ("prefill_chunk", 1024, 64),
                               ("max_seconds", 1800.0, 300.0)):
         if getattr(a, name) is None:
             setattr(a, name, small if quick else full)

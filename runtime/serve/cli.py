@@ -42,7 +42,7 @@ def _check_extras() -> None:
               help="Tokens per decode call: one streamed chunk per block; new requests join between blocks.")
 @click.option("--max-queue", default=256, show_default=True, type=int,
               help="Sequences that may wait for a slot; beyond that, 429.")
-@click.option("--prefill-chunk", default=512, show_default=True, type=int,
+@click.option("--prefill-chunk", default=1024, show_default=True, type=int,
               help="Prompt tokens (batch x length) of one admission prefill call, between decode blocks.")
 @click.option("--prefix-cache-mb", default=0.0, show_default=True, type=float,
               help="MiB of states kept by token history (0: off).")

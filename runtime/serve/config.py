@@ -18,7 +18,7 @@ class ServeConfig:
     slots: int = 8  # the decode batch: sequences in flight at once (a batch bucket)
     block: int = 16  # tokens per decode call: the streaming granularity and the admission period
     max_queue: int = 256  # sequences that may wait for a slot; beyond: 429
-    prefill_chunk: int = 512  # tokens (batch x length) of one admission prefill call
+    prefill_chunk: int = 1024  # tokens (batch x length) of one admission prefill call
     prefix_cache_mb: float = 0  # 0: off
     api_key: str | None = None  # required as `Authorization: Bearer KEY` on /v1 routes when set
     model_name: str | None = None  # the `model` clients name (default: the artifact's directory name)

@@ -70,7 +70,7 @@ class Sequence:
 class Scheduler:
     """A fixed pool of `slots` sequences decoding together, fed from a FIFO queue."""
 
-    def __init__(self, model, slots: int, block: int, prefill_chunk: int = 512, max_queue: int = 256):
+    def __init__(self, model, slots: int, block: int, prefill_chunk: int = 1024, max_queue: int = 256):
         self.model = model
         self.n = slots
         self.block = block
