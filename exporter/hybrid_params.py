@@ -18,7 +18,7 @@ from flax import nnx
 from exporter.hybrid import HybridLM
 from exporter.hybrid_config import HybridConfig
 from exporter.numerics import Numerics
-from exporter.params import _name, merge_flat
+from exporter.params import flat_shapes, merge_flat
 
 # HybridConfig fields a checkpoint's config.json must agree with, under their HF names, per family.
 _MATCH = {
@@ -58,12 +58,7 @@ def _abstract(cfg: HybridConfig, dtype_name: str, numerics: Numerics | None = No
 
 def param_shapes(cfg: HybridConfig, dtype=jnp.float32) -> dict[str, jax.ShapeDtypeStruct]:
     """{checkpoint name: ShapeDtypeStruct} for every parameter, in a stable order."""
-    _, state = _abstract(cfg, jnp.dtype(dtype).name)
-    out = {}
-    for path, var in state.flat_state():
-        v = var.get_value()
-        out[_name(path)] = jax.ShapeDtypeStruct(v.shape, v.dtype)
-    return out
+    return flat_shapes(_abstract(cfg, jnp.dtype(dtype).name)[1])
 
 
 def bind(cfg: HybridConfig, params: dict, dtype=jnp.float32, numerics: Numerics | None = None) -> HybridLM:

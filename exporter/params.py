@@ -41,14 +41,18 @@ def _abstract(cfg: Mamba2Config, dtype_name: str, numerics: Numerics | None = No
     return nnx.split(model)
 
 
-def param_shapes(cfg: Mamba2Config, dtype=jnp.float32) -> dict[str, jax.ShapeDtypeStruct]:
-    """{HF name: ShapeDtypeStruct} for every parameter, in a stable order."""
-    _, state = _abstract(cfg, jnp.dtype(dtype).name)
+def flat_shapes(state) -> dict[str, jax.ShapeDtypeStruct]:
+    """{dotted name: ShapeDtypeStruct} of an abstract nnx state, in its stable order."""
     out = {}
     for path, var in state.flat_state():
         v = var.get_value()
         out[_name(path)] = jax.ShapeDtypeStruct(v.shape, v.dtype)
     return out
+
+
+def param_shapes(cfg: Mamba2Config, dtype=jnp.float32) -> dict[str, jax.ShapeDtypeStruct]:
+    """{HF name: ShapeDtypeStruct} for every parameter, in a stable order."""
+    return flat_shapes(_abstract(cfg, jnp.dtype(dtype).name)[1])
 
 
 def bind(cfg: Mamba2Config, params: dict[str, jax.Array], dtype=jnp.float32,
