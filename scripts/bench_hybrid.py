@@ -35,7 +35,7 @@ from bench_lib.common import log, prompt_tokens, stats, timed  # noqa: E402
 
 _COMMON = dict(vocab_size=32768, bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
 _IBM_MAMBA = dict(mamba_n_heads=24, mamba_d_head=64, mamba_n_groups=1, mamba_d_state=128, mamba_chunk_size=256)
-# One small configuration per family (~100-200M parameters), with the family's layout.
+# One small configuration per family (~110-230M parameters), with the family's layout.
 CONFIGS = {
     "bamba": dict(model_type="bamba", hidden_size=768, num_hidden_layers=12, attn_layer_indices=[5, 11],
                   num_attention_heads=12, num_key_value_heads=4, intermediate_size=2048, **_IBM_MAMBA, **_COMMON),
