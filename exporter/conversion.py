@@ -107,7 +107,9 @@ def open_source(src: Path) -> Source:
                            "pytorch_model.bin.index.json or consolidated.safetensors")
     kind, cfg, raw = _read_config(d, weights)
     if weights.name.startswith("model.safetensors") and kind in ("hf", "mamba_ssm hybrid"):
-        raise WeightsError(f"{d} is already an HF-format safetensors checkpoint: use it as it is "
+        what = "a mamba_ssm hybrid's safetensors checkpoint" if kind == "mamba_ssm hybrid" \
+            else "an HF-format safetensors checkpoint"
+        raise WeightsError(f"{d} is already {what}: use it as it is "
                            f"(export --model {d}, generate --weights {d})")
     pickled = weights.suffix in _PICKLED or weights.name.endswith(".bin.index.json")
     ckpt = open_torch_checkpoint(weights) if pickled else open_checkpoint(weights)

@@ -268,3 +268,13 @@ def test_pickled_hybrid_checkpoint_that_disagrees_is_refused(tmp_path, capfd):
     code, _, err = cli(capfd, "convert-checkpoint", src, tmp_path / "out")
     error_line(code, err, "backbone.layers.2.mlp.fc2.weight is missing", "2 Mamba-2, 2 attention")
     assert not (tmp_path / "out").exists()
+
+
+def test_hybrid_safetensors_checkpoint_needs_no_conversion(tmp_path, capfd):
+    import hybrid_reference as ref
+    from test_errors_cli import cli, error_line
+
+    stored = write_mamba_ssm_checkpoint(ref.make_hf_model("bamba", seed=7, **BAMBA), tmp_path / "stored", True)
+    code, _, err = cli(capfd, "convert-checkpoint", stored, tmp_path / "out")
+    error_line(code, err, "already a mamba_ssm hybrid's safetensors checkpoint", "use it as it is")
+    assert not (tmp_path / "out").exists()
