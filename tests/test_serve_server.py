@@ -132,7 +132,9 @@ def test_streaming_one_chunk_per_decode_block(server, model):
                                            extra_body={"return_token_ids": True, "ignore_eos": True}))
     parts = [ch.choices[0] for ch in chunks if ch.choices]
     assert sum((p.token_ids for p in parts), []) == want
-    assert len(parts) == math.ceil(25 / BLOCK) and all(0 < len(p.token_ids) <= BLOCK for p in parts)
+    # the first token alone, right after the prefill; then one chunk per block
+    assert len(parts[0].token_ids) == 1 and len(parts) == 1 + math.ceil(24 / BLOCK)
+    assert all(0 < len(p.token_ids) <= BLOCK for p in parts)
     assert "".join(p.text for p in parts) == text_of(want)
     assert [p.finish_reason for p in parts][-2:] == [None, "length"]
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 25

@@ -11,7 +11,8 @@ Each turn of the loop:
      in are written into their slots;
   4. one decode block of up to K tokens (--block) for every decoding slot, each with its own
      budget, step count, key, sampling settings and stop ids (other slots frozen), on the smallest
-     batch bucket that covers them (busy slots are kept low);
+     batch bucket that covers them (busy slots are kept low); a block of one token while a
+     sequence waits for its first;
   5. hand each sequence its new tokens and free the slots of finished ones.
 Rows never influence each other, so a sequence's tokens are those it gets alone.
 """
@@ -340,7 +341,10 @@ class Scheduler:
         finished = np.ones((B,), bool)
         finished[active] = False
         budget = np.zeros((B,), np.int32)
-        budget[active] = np.minimum(self.block, self._remaining[active])
+        # A sequence that has no token yet gets its first one right after its prefill: the whole
+        # batch runs a one-token block, then full blocks again (time to first token = prefill + 1 step).
+        fresh = any(self._done[i] == 0 for i in active)
+        budget[active] = np.minimum(1 if fresh else self.block, self._remaining[active])
         settings = RowSettings(self._temperature[:B].copy(), self._top_k[:B].copy(), self._top_p[:B].copy(),
                                self._min_p[:B].copy())
         try:
