@@ -31,7 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "scripts")]
 
-from bench_lib.common import log, prompt_tokens, stats, timed  # noqa: E402
+from bench_lib.common import log, prompt_tokens, stats, timed, token_clock  # noqa: E402
 
 _COMMON = dict(vocab_size=32768, bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
 _IBM_MAMBA = dict(mamba_n_heads=24, mamba_d_head=64, mamba_n_groups=1, mamba_d_state=128, mamba_chunk_size=256)
@@ -159,21 +159,10 @@ def measure_runtime(path: Path, work: Path, args, who: str) -> dict:
 def measure_hf(path: Path, arch: str, args, who: str) -> dict:
     import torch
     import transformers
-    from transformers.generation.streamers import BaseStreamer
 
     torch.set_num_threads(os.cpu_count() or 1)
     model = getattr(transformers, arch).from_pretrained(path, dtype=torch.float32).eval()
     V = model.config.vocab_size
-
-    class Clock(BaseStreamer):
-        def __init__(self):
-            self.t = []
-
-        def put(self, value):
-            self.t.append(time.perf_counter())
-
-        def end(self):
-            pass
 
     res = {"prefill": {}, "decode": {}}
     with torch.inference_mode():
@@ -189,7 +178,7 @@ def measure_hf(path: Path, arch: str, args, who: str) -> dict:
                            eos_token_id=None, pad_token_id=0)  # warm-up
             times, out = [], None
             for _ in range(args.repeats):
-                clock = Clock()
+                clock = token_clock()
                 out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                      max_new_tokens=args.block + 1, min_new_tokens=args.block + 1,
                                      eos_token_id=None, pad_token_id=0, use_cache=True, streamer=clock)

@@ -132,3 +132,21 @@ def versions(dists: tuple[str, ...]) -> dict:
     except (OSError, subprocess.SubprocessError):
         out["git_commit"] = None
     return out
+
+
+def token_clock():
+    """A transformers streamer that timestamps every `put`: first the prompt, then each new token
+    as `generate` emits it (`.t`, perf_counter seconds)."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class Clock(BaseStreamer):
+        def __init__(self):
+            self.t = []
+
+        def put(self, value):
+            self.t.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    return Clock()

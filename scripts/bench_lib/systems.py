@@ -20,7 +20,7 @@ import json
 import time
 from pathlib import Path
 
-from bench_lib.common import log, prompt_tokens, stats, timed
+from bench_lib.common import log, prompt_tokens, stats, timed, token_clock
 
 TOKEN_CHECK = 32  # greedy tokens of row 0 kept for the cross-system agreement check
 
@@ -346,7 +346,6 @@ def measure_hf(spec: dict) -> dict:
     import torch
     import transformers
     from transformers import Mamba2ForCausalLM
-    from transformers.generation.streamers import BaseStreamer
 
     who = f"hf {spec['label']}"
     torch.set_num_threads(spec["hf_threads"])
@@ -367,20 +366,8 @@ def measure_hf(spec: dict) -> dict:
         f"loading issues: {res['loading_info'] or 'none'})", who)
     measures = set(spec["measures"])
 
-    class Clock(BaseStreamer):
-        """Timestamps every `put`: first the prompt, then each new token as generate emits it."""
-
-        def __init__(self):
-            self.t = []
-
-        def put(self, value):
-            self.t.append(time.perf_counter())
-
-        def end(self):
-            pass
-
     def generate(ids, n):
-        clock = Clock()
+        clock = token_clock()
         out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
                              min_new_tokens=n, max_new_tokens=n, eos_token_id=None,
                              pad_token_id=gc.pad_token_id, use_cache=True, streamer=clock)
