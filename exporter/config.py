@@ -69,7 +69,7 @@ class Mamba2Config:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["time_step_limit"] = [_json_float(v) for v in self.time_step_limit]
+        d["time_step_limit"] = [json_number(v) for v in self.time_step_limit]
         return d
 
     @classmethod
@@ -81,7 +81,8 @@ class Mamba2Config:
         return cls(**kw)
 
 
-def _json_float(v: float) -> float | str:
+def json_number(v: float) -> float | str:
+    """A float as the manifest's JSON writes it: non-finite values spelled "Infinity" / "-Infinity"."""
     return v if math.isfinite(v) else ("Infinity" if v > 0 else "-Infinity")
 
 

@@ -19,7 +19,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from exporter.config import ConfigError, Mamba2Config
+from runtime.format.weightspec import json_float  # plain, "Infinity", or transformers 5's {"__float__": ...}
+
+from exporter.config import ConfigError, Mamba2Config, json_number
 
 FAMILIES = ("bamba", "nemotron_h", "granitemoehybrid", "falcon_h1", "zamba2", "mamba_ssm")
 ARCHITECTURES = {
@@ -196,7 +198,7 @@ class HybridConfig:
         d = dataclasses.asdict(self)
         d["layer_types"] = list(self.layer_types)
         d["ssm_multipliers"], d["mlp_multipliers"] = list(self.ssm_multipliers), list(self.mlp_multipliers)
-        d["time_step_limit"] = [_json_float(v) for v in self.time_step_limit]
+        d["time_step_limit"] = [json_number(v) for v in self.time_step_limit]
         return d
 
     @classmethod
@@ -207,23 +209,12 @@ class HybridConfig:
             if key in kw:
                 kw[key] = tuple(kw[key])
         if "time_step_limit" in kw:
-            kw["time_step_limit"] = tuple(_hf_float(v) for v in kw["time_step_limit"])
+            kw["time_step_limit"] = tuple(json_float(v) for v in kw["time_step_limit"])
         return cls(**kw)
 
 
 # ---------------------------------------------------------------------------------------------
 # HF config.json -> HybridConfig
-
-
-def _hf_float(v) -> float:
-    """A number from config.json: plain, `Infinity`, or transformers 5's {"__float__": "Infinity"}."""
-    if isinstance(v, dict) and set(v) == {"__float__"}:
-        v = v["__float__"]
-    return float(v)
-
-
-def _json_float(v: float) -> float | str:
-    return v if math.isfinite(v) else ("Infinity" if v > 0 else "-Infinity")
 
 
 def _first(v):
@@ -257,7 +248,7 @@ def _common(hf: dict, name: str) -> dict:
         bos_token_id=_first(hf.get("bos_token_id", 1)),
         eos_token_id=_first(hf.get("eos_token_id", 2)),
         pad_token_id=_first(hf.get("pad_token_id", 0)),
-        time_step_limit=tuple(_hf_float(v) for v in hf.get("time_step_limit", (0.0, math.inf))),
+        time_step_limit=tuple(json_float(v) for v in hf.get("time_step_limit", (0.0, math.inf))),
         name=name,
     )
 

@@ -286,29 +286,27 @@ def _fail(r: dict, what: str) -> dict:
             "wall_s": r["wall_s"], "peak_rss_mib": r["peak_rss_mib"]}
 
 
-def bench_decode_b1(bins: dict, gguf: Path, n: int, threads: int) -> dict:
-    """llama-bench tg: n tokens one at a time (random ids, no sampling), its own warm-up first."""
-    r = run_measured([bins["llama-bench"], "-m", str(gguf), "-t", str(threads), "-p", "0", "-n", str(n),
+def _llama_bench(bins: dict, gguf: Path, threads: int, prompt: int, gen: int, raw_keys: tuple[str, ...]) -> dict:
+    """One llama-bench test (pp `prompt` or tg `gen`, the other 0), its own warm-up first."""
+    r = run_measured([bins["llama-bench"], "-m", str(gguf), "-t", str(threads), "-p", str(prompt), "-n", str(gen),
                       "-r", "1", "-o", "json"])
     if r["rc"]:
         return _fail(r, "llama-bench")
     rows = json.loads(r["stdout"])
-    row = next(x for x in rows if x.get("n_gen") == n)
+    row = next(x for x in rows if x.get("n_gen") == gen and x.get("n_prompt") == prompt)
     return {"tok_s": float(row["avg_ts"]), "wall_s": r["wall_s"], "peak_rss_mib": r["peak_rss_mib"],
-            "raw": {k: row.get(k) for k in ("avg_ts", "samples_ts", "n_threads", "n_batch", "n_ubatch",
-                                              "type_k", "model_type", "cpu_info", "build_commit")}}
+            "raw": {k: row.get(k) for k in raw_keys}}
+
+
+def bench_decode_b1(bins: dict, gguf: Path, n: int, threads: int) -> dict:
+    """llama-bench tg: n tokens one at a time (random ids, no sampling)."""
+    return _llama_bench(bins, gguf, threads, 0, n, ("avg_ts", "samples_ts", "n_threads", "n_batch", "n_ubatch",
+                                                    "type_k", "model_type", "cpu_info", "build_commit"))
 
 
 def bench_prefill(bins: dict, gguf: Path, T: int, threads: int) -> dict:
-    """llama-bench pp: one T-token prompt (default batch/ubatch sizes), its own warm-up first."""
-    r = run_measured([bins["llama-bench"], "-m", str(gguf), "-t", str(threads), "-p", str(T), "-n", "0",
-                      "-r", "1", "-o", "json"])
-    if r["rc"]:
-        return _fail(r, "llama-bench")
-    rows = json.loads(r["stdout"])
-    row = next(x for x in rows if x.get("n_prompt") == T)
-    return {"tok_s": float(row["avg_ts"]), "wall_s": r["wall_s"], "peak_rss_mib": r["peak_rss_mib"],
-            "raw": {k: row.get(k) for k in ("avg_ts", "samples_ts", "n_threads", "n_batch", "n_ubatch")}}
+    """llama-bench pp: one T-token prompt (default batch/ubatch sizes)."""
+    return _llama_bench(bins, gguf, threads, T, 0, ("avg_ts", "samples_ts", "n_threads", "n_batch", "n_ubatch"))
 
 
 def bench_decode_batched(bins: dict, gguf: Path, B: int, prompt: int, n: int, threads: int) -> dict:
